@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-model-len", type=int, default=None)
+    # m0 has no engine: the prompt (what `make demo` passes) is only tokenized, in the padded batch below.
+    parser.add_argument("prompt", nargs="?", default="Hello world", help="a prompt to tokenize")
     args = parser.parse_args(argv)
     model_dir = args.model or toy_checkpoint(args.arch)
     config = EngineConfig.from_llm_kwargs(model_dir, dtype=args.dtype, max_model_len=args.max_model_len)
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"vocab (model / tok): {mc.vocab_size} / {len(tokenizer)}")
     print(f"max_model_len:       {mc.max_model_len}")
     print(f"KV-cache bytes/token: {mc.kv_cache_bytes_per_token():,}")
-    enc = tokenizer(["Hello world", "a longer prompt for padding"], padding=True)
+    enc = tokenizer([args.prompt, "a longer prompt for padding"], padding=True)
     print(f"left-padded batch:   {enc['input_ids']}")
 
 

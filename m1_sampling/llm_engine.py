@@ -1,0 +1,134 @@
+"""The engine loop: schedule -> run the model -> sample -> append, detokenize, check stops.
+
+Later milestones keep this loop and swap its parts: `scheduler_cls` and `model_runner_cls` are the
+extension points (m2: continuous batching over a KV cache; m3: paged blocks; m4: CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from m0_config.config import EngineConfig
+from m0_config.loader import check_vocab, get_eos_token_ids, load_tokenizer
+from m0_config.outputs import CompletionOutput, Logprob, RequestOutput
+from m0_config.sampling_params import SamplingParams
+from m0_config.sequence import Request, Sequence, SequenceStatus
+from m1_sampling.detokenizer import Detokenizer
+from m1_sampling.model_runner import ModelRunner
+from m1_sampling.sampler import Sampler, SamplerOutput
+from m1_sampling.sampling_metadata import SamplingMetadata
+from m1_sampling.scheduler import Scheduler, SchedulerOutput
+from m1_sampling.stop_checker import StopChecker
+
+
+def make_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """The generator of candidate `index` of a seeded request. Candidate 0 uses the seed itself;
+    the others mix the index in, so the n samples differ but are each reproducible."""
+    derived = seed if index == 0 else (seed * 0x9E3779B1 + index * 0x85EBCA77) % (2**63)
+    return torch.Generator(device=device).manual_seed(derived)
+
+
+class LLMEngine:
+    scheduler_cls = Scheduler
+    model_runner_cls = ModelRunner
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        mc = config.model_config
+        torch.manual_seed(mc.seed)  # unseeded requests draw from the global generator, as in vLLM
+        self.tokenizer = load_tokenizer(mc.tokenizer)
+        check_vocab(self.tokenizer, mc.hf_config)
+        self.eos_token_ids = get_eos_token_ids(self.tokenizer, mc.model)
+        self.model_runner = self.model_runner_cls(config)
+        self.scheduler = self.scheduler_cls(config)
+        self.sampler = Sampler()
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.stop_checker = StopChecker(mc.max_model_len, self.eos_token_ids)
+        self.seq_counter = itertools.count()
+        self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request
+
+    # ---- requests ------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt: str | None, prompt_token_ids: list[int], params: SamplingParams
+    ):
+        """Create the request's best_of sequences (forks of the first) and queue it."""
+        first = Sequence(next(self.seq_counter), prompt, prompt_token_ids)
+        seqs = [first] + [first.fork(next(self.seq_counter)) for _ in range(params.best_of - 1)]
+        if params.seed is not None:
+            for i, seq in enumerate(seqs):
+                self.generators[seq.seq_id] = make_generator(params.seed, i, self.config.model_config.device)
+        self.scheduler.add_request(Request(request_id, seqs, params))
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; return the outputs of the requests that finished in it."""
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.is_empty:
+            logits = self.model_runner.execute_model(scheduler_output)  # (num_scheduled, vocab)
+            self._sample_and_append(scheduler_output, logits)
+        self.scheduler.update_from_output(scheduler_output)
+        return [self._make_output(req) for req in self.scheduler.pop_finished_requests()]
+
+    def _sample_and_append(self, scheduler_output: SchedulerOutput, logits: torch.Tensor) -> None:
+        rows = [i for i, keep in enumerate(scheduler_output.samples) if keep]
+        if not rows:
+            return
+        seqs = [scheduler_output.seqs[i] for i in rows]
+        params = [scheduler_output.sampling_params[i] for i in rows]
+        metadata = SamplingMetadata.from_sequences(
+            seqs,
+            params,
+            [self.generators.get(s.seq_id) for s in seqs],
+            self.eos_token_ids,
+            self.model_runner.vocab_size,
+            logits.device,
+        )
+        out = self.sampler(logits[rows], metadata)
+        self._append_tokens(seqs, params, out)
+
+    def _append_tokens(self, seqs: list[Sequence], params: list[SamplingParams], out: SamplerOutput) -> None:
+        token_ids, logprobs, ranks = out.sampled_token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
+        no_topk = [[] for _ in seqs]
+        topk_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else no_topk
+        topk_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else no_topk
+        for i, (seq, sp) in enumerate(zip(seqs, params)):
+            entry = None
+            if sp.logprobs is not None:
+                top = zip(topk_ids[i][: sp.logprobs], topk_lps[i][: sp.logprobs])
+                entry = {tok: Logprob(lp, rank=r + 1) for r, (tok, lp) in enumerate(top)}
+                entry[token_ids[i]] = Logprob(logprobs[i], rank=ranks[i])
+            seq.append_token_id(token_ids[i], logprobs[i], entry)
+            new_chars = self.detokenizer.decode_sequence_inplace(seq, sp)
+            self.stop_checker.maybe_stop_sequence(seq, new_chars, sp)
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def _make_output(self, req: Request) -> RequestOutput:
+        """best_of > n: the n candidates with the highest cumulative logprob; else all n in order."""
+        sp = req.sampling_params
+        seqs = req.get_seqs()
+        if sp.best_of > sp.n:
+            seqs = sorted(seqs, key=lambda s: s.cumulative_logprob, reverse=True)
+        outputs = [self._completion(i, seq, sp) for i, seq in enumerate(seqs[: sp.n])]
+        for seq in req.seqs:
+            self.generators.pop(seq.seq_id, None)
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), outputs, finished=True)
+
+    @staticmethod
+    def _completion(index: int, seq: Sequence, sp: SamplingParams) -> CompletionOutput:
+        return CompletionOutput(
+            index=index,
+            text=seq.output_text,
+            token_ids=list(seq.data.output_token_ids),
+            cumulative_logprob=seq.cumulative_logprob,
+            logprobs=seq.output_logprobs if sp.logprobs is not None else None,
+            finish_reason=SequenceStatus.get_finished_reason(seq.status),
+            stop_reason=seq.stop_reason,
+        )

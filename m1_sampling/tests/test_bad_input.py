@@ -1,0 +1,68 @@
+"""Bad input raises a clear ValueError, and the engine keeps working afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from m1_sampling import LLM, SamplingParams
+
+pytestmark = pytest.mark.m1
+
+
+@pytest.fixture(scope="module")
+def llm(qwen3_dir):
+    return LLM(qwen3_dir, max_model_len=64)
+
+
+@pytest.mark.parametrize(
+    "prompts, match",
+    [
+        ("", "empty"),
+        ([[]], "empty"),
+        ([[1, 2, 10**6]], "outside the vocabulary"),
+        ([[1, -1]], "outside the vocabulary"),
+        ([list(range(1, 65))], "max_model_len is 64"),
+        ([{"prompt": "x"}], "prompt_token_ids"),
+        (42, "prompts must be"),
+    ],
+)
+def test_bad_prompts(llm, prompts, match):
+    with pytest.raises(ValueError, match=match):
+        llm.generate(prompts, SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    ok = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(ok[0].outputs[0].token_ids) == 3
+
+
+def test_params_list_length_mismatch(llm):
+    with pytest.raises(ValueError, match="2 SamplingParams for 3 prompts"):
+        llm.generate(["a", "b", "c"], [SamplingParams(), SamplingParams()], use_tqdm=False)
+
+
+def test_bad_prompt_in_batch_adds_nothing(llm):
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        llm.generate(["Hello", ""], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_long_generation_capped_by_max_model_len(llm):
+    ids = list(range(1, 60))
+    out = llm.generate([ids], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)[
+        0
+    ]
+    assert len(ids) + len(out.outputs[0].token_ids) == 64
+    assert out.outputs[0].finish_reason == "length"
+
+
+def test_unknown_and_unsupported_arguments(qwen3_dir):
+    with pytest.raises(ValueError, match="Did you mean 'max_num_seqs'"):
+        LLM(qwen3_dir, max_num_seq=4)
+    with pytest.raises(ValueError, match="block_size.*m3_paged"):
+        LLM(qwen3_dir, block_size=16)
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM("/nonexistent/model")
+
+
+def test_prompt_logprobs_rejected(llm):
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate("Hello", SamplingParams(prompt_logprobs=1), use_tqdm=False)

@@ -1,0 +1,36 @@
+"""The injectable set of weight-holding layer classes a model is built from.
+
+The model code never names a linear or embedding class directly; it calls the factories of a
+`ModelLayers`. m2 uses the dense defaults below. Tensor parallelism (m5_tp) passes parallel classes
+(or `functools.partial`s binding a process group) with the same constructor signatures, so the
+same model classes run sharded without a copy of their code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from m2_kvcache.layers.embedding import LMHead, VocabEmbedding
+from m2_kvcache.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """Factories, each called with the dense class's constructor arguments:
+
+    - qkv_linear(hidden_size, head_size, total_num_heads, total_num_kv_heads, bias) -> exposes
+      .num_heads, .num_kv_heads, .q_size, .kv_size (the heads it computes)
+    - merged_linear(input_size, output_sizes, bias)
+    - row_linear(input_size, output_size, bias)
+    - embedding(num_embeddings, embedding_dim)
+    - lm_head(num_embeddings, embedding_dim, bias) -> has tie_weights(embedding); returns full-vocab logits
+    """
+
+    qkv_linear: Callable[..., nn.Module] = QKVLinear
+    merged_linear: Callable[..., nn.Module] = MergedColumnLinear
+    row_linear: Callable[..., nn.Module] = RowLinear
+    embedding: Callable[..., nn.Module] = VocabEmbedding
+    lm_head: Callable[..., nn.Module] = LMHead
