@@ -40,7 +40,9 @@ def contiguous_attention_ref(
         first = seq_len - (end - start)  # position of this step's first token
         k_cache[slot, first:seq_len] = k[start:end]
         v_cache[slot, first:seq_len] = v[start:end]
-        keys = k_cache[slot, :seq_len].float().repeat_interleave(group, dim=1)  # (seq_len, num_heads, head_dim)
+        keys = (
+            k_cache[slot, :seq_len].float().repeat_interleave(group, dim=1)
+        )  # (seq_len, num_heads, head_dim)
         values = v_cache[slot, :seq_len].float().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), keys) * scale
         q_pos = torch.arange(first, seq_len, device=q.device)[:, None]
@@ -65,10 +67,10 @@ def contiguous_attention(
 
     Queries are scattered into a padded (num_seqs, max_seqlen_q) grid, each sequence's cache row is
     gathered up to max_seqlen_k, and one masked SDPA call does the rest. Query i of sequence b sits at
-    position p = seq_len - query_len + i and may see keys j <= p (and j < seq_len). Padded query rows
-    (i >= query_len) see every key below seq_len, so no softmax row is empty (no NaN); they are dropped.
-    Keys beyond seq_len hold stale or zero values; they are masked, but must be finite (0 * NaN = NaN),
-    which is why the cache is allocated with zeros.
+    position p = seq_len - query_len + i and may see keys j <= p, all below seq_len. Padded query rows
+    (i >= query_len) always see key 0 at least, so no softmax row is empty (no NaN); they are dropped.
+    Keys beyond seq_len hold stale values of an earlier occupant of the slot, or zeros; they are masked,
+    but must be finite (0 * NaN = NaN), which is why the cache is allocated with zeros.
 
     q: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim)."""
     num_seqs, max_q, max_k = md.num_seqs, md.max_seqlen_q, md.max_seqlen_k
@@ -79,10 +81,11 @@ def contiguous_attention(
     q_pad[md.token_seq_ids, query_idx] = q
     keys = k_cache[md.slot_ids, :max_k]  # (num_seqs, max_k, num_kv_heads, head_dim)
     values = v_cache[md.slot_ids, :max_k]
-    seq_lens = md.seq_lens.long()
-    q_pos = (seq_lens - md.query_lens)[:, None] + torch.arange(max_q, device=device)  # (num_seqs, max_q)
+    q_pos = (md.seq_lens.long() - md.query_lens)[:, None] + torch.arange(
+        max_q, device=device
+    )  # (num_seqs, max_q)
     k_pos = torch.arange(max_k, device=device)
-    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < seq_lens[:, None, None])
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]  # (num_seqs, max_q, max_k); implies k_pos < seq_len
     out = F.scaled_dot_product_attention(
         q_pad.transpose(1, 2),  # (num_seqs, num_heads, max_q, head_dim)
         keys.transpose(1, 2),  # (num_seqs, num_kv_heads, max_k, head_dim)

@@ -64,5 +64,7 @@ def kv_cache_usage(
     `ModelConfig.kv_cache_bytes_per_token()`."""
     seq_lens = list(seq_lens)
     if len(seq_lens) > num_slots or any(not 0 <= n <= max_model_len for n in seq_lens):
-        raise ValueError(f"{len(seq_lens)} lengths {seq_lens} do not fit {num_slots} slots of {max_model_len}")
+        raise ValueError(
+            f"{len(seq_lens)} lengths {seq_lens} do not fit {num_slots} slots of {max_model_len}"
+        )
     return KVCacheUsage(num_slots * max_model_len * bytes_per_token, sum(seq_lens) * bytes_per_token)

@@ -94,7 +94,9 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.max_position = max_position
         t = torch.arange(max_position, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.to(device=t.device, dtype=torch.float32))  # (max_position, head_dim // 2)
+        freqs = torch.outer(
+            t, inv_freq.to(device=t.device, dtype=torch.float32)
+        )  # (max_position, head_dim // 2)
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 

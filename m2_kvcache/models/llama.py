@@ -86,7 +86,9 @@ class LlamaAttention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_idx, attn_backend
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, attn_metadata: Any
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # (num_tokens, q_size + 2 * kv_size)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
@@ -198,7 +200,9 @@ class LlamaForCausalLM(nn.Module):
     @staticmethod
     def decoder_options(hf_config: Any) -> DecoderOptions:
         bias = bool(getattr(hf_config, "attention_bias", False))
-        return DecoderOptions(qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(hf_config, "mlp_bias", False)))
+        return DecoderOptions(
+            qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(hf_config, "mlp_bias", False))
+        )
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)

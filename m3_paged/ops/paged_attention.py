@@ -138,7 +138,7 @@ def _paged_attention_kernel(
     num_tiles = tl.cdiv(kv_len, TILE_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles - 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max score
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)

@@ -43,7 +43,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.running: list[Sequence] = []
         self.prompts: list[tuple[int, ...]] = []
         self.kv: dict[int, tuple[int, ...]] = {}  # slot -> the prefix whose K/V it holds
-        self.prefix_of_hash: dict[int, tuple[int, ...]] = {}  # every block hash seen in a live table
+        self.prefix_of_hash: dict[int, tuple[int, ...]] = {}  # hash -> the prefix it was made from
         self.next_seq_id = 0
 
     # ---- helpers -------------------------------------------------------------------------------
@@ -109,6 +109,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.kv[self.slot(seq, pos)] = tokens[: pos + 1]
         seq.data.num_computed_tokens = end
         self.bm.cache_full_blocks(seq, end)
+        size = self.bm.block_size
+        for i, block_id in enumerate(seq.block_table[: end // size]):  # what the new hashes stand for
+            prefix = tokens[: (i + 1) * size]
+            if self.bm.blocks[block_id].hash is not None:
+                assert self.prefix_of_hash.setdefault(self.bm.blocks[block_id].hash, prefix) == prefix
 
     @precondition(lambda self: any(s.get_len() < MAX_LEN for s in self.decodable()))
     @rule(data=st.data(), token=TOKENS)
@@ -201,7 +206,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for h, block_id in bm.hash_to_block_id.items():
             block = bm.blocks[block_id]
             assert block.hash == h and len(block.token_ids) == bm.block_size
-            prefix = self.prefix_of_hash[h]  # recorded while the block was in a live table
+            prefix = self.prefix_of_hash[h]  # recorded when the block was hashed
             assert block.token_ids == prefix[-bm.block_size :] and reference_hash(prefix, bm.block_size) == h
         assert bm.stats.hits <= bm.stats.queries
 
