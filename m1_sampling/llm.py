@@ -41,10 +41,13 @@ class LLM:
     engine_cls = LLMEngine
     milestone = "m1_sampling"
     supported_arguments = frozenset({"tokenizer", "dtype", "seed", "max_model_len", "max_num_seqs", "device"})
+    # Settings this milestone's engine needs whatever the user says: no chunked prefill before m3.
+    fixed_arguments: dict[str, Any] = {"enable_chunked_prefill": False}
 
     def __init__(self, model: str, **kwargs: Any):
         self._check_arguments(kwargs)
-        self.llm_engine = self.engine_cls(EngineConfig.from_llm_kwargs(model, **kwargs))
+        config = EngineConfig.from_llm_kwargs(model, **kwargs, **self.fixed_arguments)
+        self.llm_engine = self.engine_cls(config)
         self.request_counter = itertools.count()
 
     def _check_arguments(self, kwargs: dict) -> None:

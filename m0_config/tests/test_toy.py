@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from m0_config.loader import load_tokenizer
@@ -103,6 +104,9 @@ def test_python_dash_m_m0_config(toy_cache_dir, qwen3_dir):
     text = out.stdout
     assert "== EngineConfig ==" in text and "== Model ==" in text
     assert f"model_config: ModelConfig(model='{qwen3_dir}'" in text  # the cached toy was reused
-    assert "scheduler_config: SchedulerConfig(" in text and "distributed_backend='gloo'" in text
-    assert "Qwen3ForCausalLM" in text
-    assert "KV-cache bytes/token: 1,024" in text  # 2 * 2 layers * 2 kv heads * 32 * 4 bytes
+    assert "scheduler_config: SchedulerConfig(" in text and "Qwen3ForCausalLM" in text
+    # The device is automatic: on a GPU, NCCL and the float32 toy in half precision.
+    on_gpu = torch.cuda.is_available()
+    assert f"distributed_backend='{'nccl' if on_gpu else 'gloo'}'" in text
+    bytes_per_token = 2 * 2 * 2 * 32 * (2 if on_gpu else 4)  # K and V, layers, kv heads, head_dim, bytes
+    assert f"KV-cache bytes/token: {bytes_per_token:,}" in text

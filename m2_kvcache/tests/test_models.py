@@ -142,7 +142,9 @@ def test_decode_with_cache_equals_recompute(derived_checkpoint, case):
         logits = cached.step(chunks)
         whole = [cached.tokens[s] for s in chunks]
         expected = torch.stack([seq[-1] for seq in varlen_prefill_logits(recompute, whole)])
-        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(
+            logits, expected, atol=1e-4, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}"
+        )
 
 
 def test_injected_layers_are_used(qwen3_dir):

@@ -21,6 +21,8 @@ How the work is cut (one program = one query tile x one kv head x one KV split):
   block table, so TILE_N and block_size are independent (any block size works). Keys past the tile's
   last query position are not visited; masked lanes load nothing, so positions >= seq_len and the
   block table's padding are never read. Online softmax in base 2 (exp2, scale folded with log2(e)).
+* Any head_dim and GQA group: tiles are rounded up to powers of two (tl.arange needs them; tl.dot
+  needs >= 16) and the extra lanes are masked, so head_dim 24 or a group of 3 work too.
 * Split-K (flash-decoding). A decode row attends to its whole context from one program; with few
   sequences and long contexts most of the GPU idles. With NUM_SPLITS > 1 each program takes a
   contiguous share of its KV tiles and writes a normalised partial output plus its log-sum-exp;
@@ -47,7 +49,9 @@ SPLIT_MIN_TOKENS = 512  # each split reads at least this many keys: shorter cont
 MAX_SPLITS = 16  # the merge pass reads num_splits partial rows per output row
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, decode_only: bool, num_sms: int) -> int:
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seqlen_k: int, decode_only: bool, num_sms: int
+) -> int:
     """How many KV splits a batch gets when the caller does not force it (1 = no split-K).
 
     Split only decode-only batches (a prefill tile already has plenty of work), only contexts of at
@@ -138,7 +142,7 @@ def _paged_attention_kernel(
     num_tiles = tl.cdiv(kv_len, TILE_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_start = split * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles - 1)
+    tile_end = tl.minimum(tile_start + tiles_per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max score
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
@@ -149,7 +153,9 @@ def _paged_attention_kernel(
         k_mask = k_pos < kv_len
         # Masked lanes load nothing: padding entries of the block table are never dereferenced.
         block_ids = tl.load(block_table + k_pos // block_size, mask=k_mask, other=0).to(tl.int64)
-        kv_offsets = block_ids * stride_cache_b + (k_pos % block_size) * stride_cache_o + kv_head * stride_cache_h
+        kv_offsets = (
+            block_ids * stride_cache_b + (k_pos % block_size) * stride_cache_o + kv_head * stride_cache_h
+        )
         kv_ptrs = kv_offsets[:, None] + dims[None, :]  # (TILE_N, BLOCK_D)
         kv_mask = k_mask[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
@@ -249,6 +255,7 @@ def paged_attention(
     assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype)
     assert q.stride(-1) == k_cache.stride(-1) == 1, "head_dim must be contiguous"
     assert cu_seqlens_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs
+    assert block_tables.stride(1) == 1, "a block-table row must be contiguous (rows may be strided)"
     group = num_heads // num_kv_heads
     out = torch.empty_like(q) if out is None else out
     assert out.shape == q.shape and out.stride(-1) == 1
@@ -259,7 +266,9 @@ def paged_attention(
     if num_splits is None:
         if decode_only and max_seqlen_k is None:
             max_seqlen_k = int(seq_lens.max())
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seqlen_k or 0, decode_only, _num_sms(q.device))
+        num_splits = choose_num_splits(
+            num_seqs, num_kv_heads, max_seqlen_k or 0, decode_only, _num_sms(q.device)
+        )
     on_gpu = q.device.type == "cuda"
     # Prefill tiles amortise each K/V load over many queries; decode tiles only need the group.
     block_m = block_m or max(16, triton.next_power_of_2(group), 64 if on_gpu and not decode_only else 16)
@@ -269,7 +278,9 @@ def paged_attention(
     block_q = block_m // group
 
     if num_splits > 1:
-        o_partial = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        o_partial = torch.empty(
+            num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
         lse_partial = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         o_partial = lse_partial = out  # unused by the NUM_SPLITS == 1 branch

@@ -63,7 +63,15 @@ class PagedBatch:
         return self.q.shape[-1] ** -0.5
 
     def args(self) -> tuple:
-        return (self.q, self.k_cache, self.v_cache, self.cu_seqlens_q, self.seq_lens, self.block_tables, self.scale)
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.cu_seqlens_q,
+            self.seq_lens,
+            self.block_tables,
+            self.scale,
+        )
 
 
 def make_batch(
@@ -201,7 +209,9 @@ def test_store_kvcache_int32_slots_and_all_padding():
 @pytest.mark.parametrize("block_size", [4, 16, 64])
 @pytest.mark.parametrize("pad", [-1, 0])
 def test_paged_attention_ref_matches_dense(group, block_size, pad):
-    batch = make_batch(*MIXED, num_heads=2 * group, num_kv_heads=2, head_dim=16, block_size=block_size, pad=pad)
+    batch = make_batch(
+        *MIXED, num_heads=2 * group, num_kv_heads=2, head_dim=16, block_size=block_size, pad=pad
+    )
     assert_close(paged_attention_ref(*batch.args()), dense_attention(batch), torch.float32)
 
 
@@ -284,7 +294,10 @@ def test_paged_attention_writes_into_out_and_skips_padding_rows(num_splits):
 def test_store_then_attend_matches_dense():
     """The two kernels together: K/V written through store_kvcache, then paged attention."""
     batch = make_batch(*MIXED, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
-    k_cache, v_cache = torch.full_like(batch.k_cache, float("nan")), torch.full_like(batch.v_cache, float("nan"))
+    k_cache, v_cache = (
+        torch.full_like(batch.k_cache, float("nan")),
+        torch.full_like(batch.v_cache, float("nan")),
+    )
     block_size = k_cache.shape[1]
     slots = []
     for s, k in enumerate(batch.keys):
@@ -332,7 +345,13 @@ def test_store_kvcache_gpu(dtype, block_size):
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_paged_attention_gpu_mixed(dtype, head_dim, group):
     batch = make_batch(
-        *GPU_MIXED, num_heads=8 * group, num_kv_heads=8, head_dim=head_dim, block_size=16, dtype=dtype, device=CUDA
+        *GPU_MIXED,
+        num_heads=8 * group,
+        num_kv_heads=8,
+        head_dim=head_dim,
+        block_size=16,
+        dtype=dtype,
+        device=CUDA,
     )
     check_attention(batch, dtype)
     assert_close(paged_attention_ref(*batch.args()), dense_attention(batch), dtype)
@@ -359,7 +378,13 @@ def test_paged_attention_gpu_block_sizes(block_size, num_splits):
 @pytest.mark.parametrize("group", [1, 4])
 def test_paged_attention_gpu_long_decode_split_k(dtype, group):
     batch = make_batch(
-        *GPU_LONG_DECODE, num_heads=8 * group, num_kv_heads=8, head_dim=128, block_size=16, dtype=dtype, device=CUDA
+        *GPU_LONG_DECODE,
+        num_heads=8 * group,
+        num_kv_heads=8,
+        head_dim=128,
+        block_size=16,
+        dtype=dtype,
+        device=CUDA,
     )
     num_sms = torch.cuda.get_device_properties(CUDA).multi_processor_count
     assert choose_num_splits(3, 8, 16_000, decode_only=True, num_sms=num_sms) > 1  # auto picks split-K
