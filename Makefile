@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-NEWEST := $(shell ls -d m[0-9]_*/ 2>/dev/null | sort | tail -n 1 | tr -d /)
+NEWEST := $(shell ls -d m[0-9]_*/__main__.py 2>/dev/null | sort | tail -n 1 | cut -d/ -f1)
 MODEL  ?=
 PROMPT ?= Hello, my name is
 

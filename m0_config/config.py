@@ -20,6 +20,8 @@ import torch
 # The architectures (config.json "architectures") that every milestone's model code supports.
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DTYPE_ALIASES = {
     "float": "float32",
@@ -106,6 +108,7 @@ class ModelConfig:
     seed: int = 0
     max_model_len: int | None = None
     device: str | torch.device | None = None
+    attention_backend: str = "auto"  # m3 on: "auto", "torch", "triton" or "flash_attn"
     # Derived in __post_init__.
     architecture: str = field(init=False)
     hf_config: Any = field(init=False, repr=False)
@@ -117,6 +120,10 @@ class ModelConfig:
         self.tokenizer = self.tokenizer or self.model
         _check(os.path.isdir(self.tokenizer), f"tokenizer folder {self.tokenizer!r} does not exist")
         _check(isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}")
+        _check(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}",
+        )
         self.device = resolve_device(self.device)
         self.torch_dtype = resolve_dtype(self.dtype, raw, self.device)
         from transformers import AutoConfig

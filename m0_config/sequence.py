@@ -120,6 +120,10 @@ class Sequence:
         self.data = data if data is not None else SequenceData(prompt_token_ids)
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []  # physical KV-cache block ids, one per block_size tokens (m3)
+        self.num_cached_tokens = 0  # leading tokens found in the prefix cache at allocation (m3)
+        # Explicit, never inferred from lengths: True until every current token's K/V is computed
+        # (a prompt spread over chunks stays in prefill; a preempted sequence re-enters it).
+        self.is_prefill = True
         # Decoded output and its incremental-detokenization state (m1).
         self.output_text = ""
         self.tokens: list[str] | None = None
@@ -163,6 +167,8 @@ class Sequence:
         child = Sequence(new_seq_id, self.prompt, (), data=self.data.copy())
         child.status = self.status
         child.block_table = list(self.block_table)
+        child.num_cached_tokens = self.num_cached_tokens
+        child.is_prefill = self.is_prefill
         child.output_text = self.output_text
         child.tokens = None if self.tokens is None else list(self.tokens)
         child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset

@@ -23,6 +23,7 @@ ARGUMENT_MILESTONE = {
     "kv_cache_memory_bytes": "m3_paged",
     "enable_prefix_caching": "m3_paged",
     "enable_chunked_prefill": "m3_paged",
+    "attention_backend": "m3_paged",
     "enforce_eager": "m4_cudagraph",
     "tensor_parallel_size": "m5_tp",
     "distributed_backend": "m5_tp",

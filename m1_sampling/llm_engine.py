@@ -42,12 +42,16 @@ class LLMEngine:
         check_vocab(self.tokenizer, mc.hf_config)
         self.eos_token_ids = get_eos_token_ids(self.tokenizer, mc.model)
         self.model_runner = self.model_runner_cls(config)
-        self.scheduler = self.scheduler_cls(config)
+        self.scheduler = self.make_scheduler()
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(self.tokenizer)
         self.stop_checker = StopChecker(mc.max_model_len, self.eos_token_ids)
         self.seq_counter = itertools.count()
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> generator of a seeded request
+
+    def make_scheduler(self):
+        """Extension point: m3's scheduler also needs the number of blocks the runner allocated."""
+        return self.scheduler_cls(self.config)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(

@@ -9,6 +9,18 @@ from dataclasses import dataclass
 import torch
 
 
+def varlen_layout(query_lens: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cu_seqlens_q (num_seqs+1,), token_seq_ids (num_tokens,), positions (num_tokens,)), int64 on
+    the CPU, of a flattened batch whose sequence b has query_lens[b] new tokens ending at seq_lens[b]."""
+    q_lens = torch.tensor(query_lens, dtype=torch.int64)
+    cu = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
+    cu[1:] = q_lens.cumsum(0)
+    token_seq_ids = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
+    first_pos = torch.tensor(seq_lens, dtype=torch.int64) - q_lens  # cached tokens before this step
+    positions = first_pos[token_seq_ids] + torch.arange(int(cu[-1])) - cu[token_seq_ids]
+    return cu, token_seq_ids, positions
+
+
 @dataclass
 class AttentionMetadata:
     """The layout of a flattened ("varlen") batch.
@@ -46,12 +58,7 @@ class AttentionMetadata:
             raise ValueError(f"need 1 <= query_len <= seq_len, got {query_lens} and {seq_lens}")
         if len(set(slot_ids)) != len(slot_ids):
             raise ValueError(f"two sequences share a cache slot: {slot_ids}")
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        cu = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
-        cu[1:] = q_lens.cumsum(0)
-        token_seq_ids = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
-        first_pos = torch.tensor(seq_lens, dtype=torch.int64) - q_lens  # cached tokens before this step
-        positions = first_pos[token_seq_ids] + torch.arange(int(cu[-1])) - cu[token_seq_ids]
+        cu, token_seq_ids, positions = varlen_layout(query_lens, seq_lens)
         return cls(
             cu_seqlens_q=cu.to(torch.int32).to(device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),

@@ -106,6 +106,20 @@ def test_hash_collision_is_caught_by_token_ids():
     assert c.block_table[0] == a.block_table[0] and c.num_cached_tokens == 4
 
 
+def test_no_hit_after_the_first_miss():
+    """A block's K/V depends on every block before it: once a block misses, later blocks cannot be
+    hits even when the hash function (here one that ignores the parent) says they are."""
+    bm = BlockManager(
+        num_blocks=10, block_size=2, hash_fn=lambda token_ids, parent_hash: hash(tuple(token_ids))
+    )
+    a = make_seq([1, 2, 3, 4, 5], 0)
+    bm.allocate(a)
+    compute_all(bm, a)
+    b = make_seq([9, 9, 3, 4, 5], 1)
+    bm.allocate(b)
+    assert b.num_cached_tokens == 0 and set(b.block_table).isdisjoint(a.block_table)
+
+
 @pytest.mark.parametrize(
     "block_size, prompt_len, expected_cached",
     [(4, 8, 4), (4, 9, 8), (4, 5, 4), (4, 4, 0), (4, 1, 0), (1, 3, 2), (1, 1, 0), (16, 32, 16)],

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from m0_config.sequence import Sequence, SequenceStatus
 from m3_paged.block import NO_PARENT_HASH, compute_block_hash
@@ -58,13 +58,26 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def decodable(self):
         return [s for s in self.running if s.data.num_computed_tokens == s.get_len()]
 
-    # ---- rules ---------------------------------------------------------------------------------
-    @precondition(lambda self: len(self.waiting) < MAX_SEQS)
+    # ---- the workload: one operation per step, drawn among those that apply now ------------------
     @rule(data=st.data())
+    def step(self, data):
+        # One rule with a dispatch rather than a rule per operation with preconditions: hypothesis
+        # rejects most draws when only a few rules are enabled, which wastes most examples.
+        decodable = [s for s in self.decodable() if s.get_len() < MAX_LEN]
+        ops = {
+            self.add_seq: len(self.waiting) < MAX_SEQS,
+            self.allocate: self.waiting and len(self.running) < MAX_SEQS,
+            self.compute: any(s.data.num_computed_tokens < s.get_len() for s in self.running),
+            self.decode: decodable,
+            self.fork: decodable and len(self.running) < MAX_SEQS,
+            self.free: self.running,
+        }
+        data.draw(st.sampled_from([op for op, enabled in ops.items() if enabled]))(data)
+
     def add_seq(self, data):
         """A new prompt: often an earlier prompt's prefix plus a few tokens."""
         base: tuple[int, ...] = ()
-        if self.prompts and data.draw(st.booleans()):
+        if self.prompts and data.draw(st.integers(0, 3)):  # reuse 3 times in 4
             base = data.draw(st.sampled_from(self.prompts))
             base = base[: data.draw(st.integers(0, len(base)))]
         suffix = data.draw(st.lists(TOKENS, min_size=0 if base else 1, max_size=MAX_LEN - len(base) - 2))
@@ -72,8 +85,6 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.prompts.append(prompt)
         self.waiting.append(Sequence(self.new_seq_id(), None, prompt))
 
-    @precondition(lambda self: self.waiting and len(self.running) < MAX_SEQS)
-    @rule(data=st.data())
     def allocate(self, data):
         seq = data.draw(st.sampled_from(self.waiting))
         bm, free = self.bm, self.bm.get_num_free_blocks()
@@ -86,7 +97,14 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 bm.allocate(seq)
             assert seq.block_table == [] and bm.get_num_free_blocks() == free
             return
+        cached_free = [b for b in bm.free_block_ids if bm.blocks[b].hash is not None]
         bm.allocate(seq)
+        # What the workload covered (pytest --hypothesis-show-statistics lists these).
+        event(f"allocate: {'hit' if seq.num_cached_tokens else 'miss'}, caching={bm.enable_prefix_caching}")
+        if any(b in seq.block_table and bm.blocks[b].hash is not None for b in cached_free):
+            event("allocate: revived a free cached block")
+        if any(bm.blocks[b].hash is None for b in cached_free):
+            event("allocate: evicted a cached block")
         assert free - required <= bm.get_num_free_blocks() <= free
         cached = seq.num_cached_tokens
         assert cached % bm.block_size == 0 and 0 <= cached < seq.get_len()
@@ -95,11 +113,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.waiting.remove(seq)
         self.running.append(seq)
 
-    @precondition(lambda self: any(s.data.num_computed_tokens < s.get_len() for s in self.running))
-    @rule(data=st.data())
     def compute(self, data):
         """One model step on a chunk of the sequence's uncomputed tokens."""
-        seq = data.draw(st.sampled_from([s for s in self.running if s.data.num_computed_tokens < s.get_len()]))
+        seq = data.draw(
+            st.sampled_from([s for s in self.running if s.data.num_computed_tokens < s.get_len()])
+        )
         start = seq.data.num_computed_tokens
         end = data.draw(st.integers(start + 1, seq.get_len()))
         tokens = tuple(seq.get_token_ids())
@@ -115,38 +133,36 @@ class BlockManagerMachine(RuleBasedStateMachine):
             if self.bm.blocks[block_id].hash is not None:
                 assert self.prefix_of_hash.setdefault(self.bm.blocks[block_id].hash, prefix) == prefix
 
-    @precondition(lambda self: any(s.get_len() < MAX_LEN for s in self.decodable()))
-    @rule(data=st.data(), token=TOKENS)
-    def decode(self, data, token):
+    def decode(self, data):
         """Append a sampled token and prepare its slot; preempt the sequence if the pool is full."""
         seq = data.draw(st.sampled_from([s for s in self.decodable() if s.get_len() < MAX_LEN]))
         bm, size = self.bm, self.bm.block_size
-        seq.append_token_id(token)
+        seq.append_token_id(data.draw(TOKENS))
         starts_block = (seq.get_len() - 1) % size == 0
         need = 1 if starts_block or bm.blocks[seq.block_table[-1]].ref_count > 1 else 0
         assert bm.can_append(seq) == (need <= bm.get_num_free_blocks())
         if not bm.can_append(seq):
+            event("decode: preempted, no free block")
             self.preempt_seq(seq)
             return
-        for src, dst in bm.may_append(seq):  # the model runner's copy-on-write
+        copies = bm.may_append(seq)
+        if copies:
+            event("decode: copy-on-write")
+        for src, dst in copies:  # the model runner's copy-on-write
             for offset in range(size):
                 if src * size + offset in self.kv:
                     self.kv[dst * size + offset] = self.kv[src * size + offset]
 
-    @precondition(lambda self: self.decodable() and len(self.running) < MAX_SEQS)
-    @rule(data=st.data())
     def fork(self, data):
         parent = data.draw(st.sampled_from(self.decodable()))
         child = parent.fork(self.new_seq_id())
         self.bm.fork(parent, child)
         self.running.append(child)
 
-    @precondition(lambda self: self.running)
-    @rule(data=st.data(), finished=st.booleans())
-    def free(self, data, finished):
+    def free(self, data):
         """Finish a sequence, or preempt it by recompute (back to waiting, blocks freed)."""
         seq = data.draw(st.sampled_from(self.running))
-        if finished:
+        if data.draw(st.booleans()):
             self.bm.deallocate(seq)
             self.running.remove(seq)
         else:
@@ -228,8 +244,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=80,
-    stateful_step_count=40,
+    max_examples=300,
+    stateful_step_count=50,
     deadline=None,
     derandomize=True,  # a fixed seed: the same workloads on every run
     suppress_health_check=[HealthCheck.too_slow],

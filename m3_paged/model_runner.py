@@ -1,0 +1,119 @@
+"""m3's model runner: m2's runner with a paged KV cache.
+
+The cache is a pool of `num_blocks` blocks per layer, sized from the memory left after a profiling
+run (CUDA) or a byte budget (CPU). Inputs are prepared from each sequence's block table: the slot
+mapping says where each new token's K/V goes; the block tables say where each sequence's history is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from m0_config.config import EngineConfig
+from m0_config.logger import init_logger
+from m2_kvcache.attention.kv_cache import KVCacheUsage, attention_layers
+from m2_kvcache.attention.metadata import AttentionMetadata
+from m2_kvcache.attention.no_cache import NoCacheBackend
+from m2_kvcache.model_loader import load_model
+from m2_kvcache.model_runner import ModelRunner as SlotModelRunner
+from m3_paged.attention.backends import get_attn_backend
+from m3_paged.attention.metadata import PagedAttentionMetadata
+from m3_paged.kv_cache_sizing import block_bytes, cpu_budget, cuda_budget, num_blocks_for
+from m3_paged.scheduler import SchedulerOutput
+
+logger = init_logger(__name__)
+
+
+class ModelRunner(SlotModelRunner):
+    def __init__(self, config: EngineConfig):
+        self.block_size = config.cache_config.block_size
+        self.attn_backend = get_attn_backend(
+            config.model_config.attention_backend, config.model_config.device, self.block_size
+        )
+        super().__init__(config)  # loads the model, then allocate_kv_cache()
+
+    def load_model(self) -> torch.nn.Module:
+        return load_model(self.config.model_config, attn_backend=self.attn_backend)
+
+    # ---- KV-cache sizing -----------------------------------------------------------------------
+    def allocate_kv_cache(self) -> torch.Tensor:
+        if self.device.type == "cuda":
+            self.profile_run()
+            budget = cuda_budget(self.config, self.device)
+        else:
+            budget = cpu_budget(self.config)
+        self.num_blocks = num_blocks_for(self.config, budget)
+        mc = self.config.model_config
+        layers = self._attention_layers()
+        kv = torch.zeros(
+            2, len(layers), self.num_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim,
+            dtype=mc.torch_dtype, device=self.device,
+        )  # fmt: skip
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = kv[0, i], kv[1, i]  # (num_blocks, block_size, kv_heads, head_dim)
+        tokens = self.num_blocks * self.block_size
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s backend); maximum concurrency for "
+            "%d-token requests: %.2fx",
+            self.num_blocks, self.block_size, tokens, self.num_blocks * block_bytes(self.config) / 2**30,
+            self.attn_backend.name, mc.max_model_len, tokens / mc.max_model_len,
+        )  # fmt: skip
+        return kv
+
+    def _attention_layers(self):
+        return attention_layers(self.model)
+
+    @torch.inference_mode()
+    def profile_run(self) -> None:
+        """A forward pass of the largest batch (max_num_batched_tokens tokens, sequences of at most
+        max_model_len) without a cache, so the peak memory of activations is known before the cache
+        takes the rest. The layers use m2's no-cache backend for this one pass."""
+        sc = self.config.scheduler_config
+        total, seq_len = sc.max_num_batched_tokens, min(sc.max_model_len, sc.max_num_batched_tokens)
+        lens = [seq_len] * (total // seq_len) + ([total % seq_len] if total % seq_len else [])
+        lens = lens[: sc.max_num_seqs]
+        md = AttentionMetadata.build(lens, lens, device=self.device)
+        input_ids = torch.zeros(md.num_tokens, dtype=torch.long, device=self.device)
+        layers = self._attention_layers()
+        no_cache = NoCacheBackend()
+        for layer in layers:
+            layer.backend = no_cache
+        try:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            hidden = self.model(input_ids, md.positions, md)
+            self.model.compute_logits(hidden[md.last_token_indices])
+            torch.cuda.synchronize(self.device)
+        finally:
+            for layer in layers:
+                layer.backend = self.attn_backend
+
+    # ---- inputs ----------------------------------------------------------------------------------
+    def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, PagedAttentionMetadata]:
+        """input_ids (num_tokens,) of the tokens scheduled for each sequence (from its
+        num_computed_tokens on), and the paged metadata of the step."""
+        input_ids, seq_lens = [], []
+        for seq, n in zip(so.seqs, so.num_scheduled_tokens):
+            start = seq.data.num_computed_tokens
+            input_ids.extend(seq.get_token_ids()[start : start + n])
+            seq_lens.append(start + n)
+        md = PagedAttentionMetadata.build_paged(
+            so.num_scheduled_tokens, seq_lens, [s.block_table for s in so.seqs], self.block_size, self.device
+        )
+        return torch.tensor(input_ids, dtype=torch.long, device=self.device), md
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> torch.Tensor:
+        self.copy_blocks(so.block_copies)
+        return super().execute_model(so)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block src -> dst in every layer's K and V before the step writes dst."""
+        if copies:
+            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def kv_cache_usage(self, seq_lens: list[int], num_used_blocks: int) -> KVCacheUsage:
+        """Bytes of the blocks in use versus bytes holding tokens: the waste is at most one
+        partial block per sequence (m2 wastes max_model_len - len per slot)."""
+        per_token = self.config.model_config.kv_cache_bytes_per_token()
+        return KVCacheUsage(num_used_blocks * block_bytes(self.config), sum(seq_lens) * per_token)

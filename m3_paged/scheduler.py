@@ -1,0 +1,203 @@
+"""m3's scheduler: a token budget per step, chunked prefill, and preemption by recompute.
+
+Each step fills a budget of `max_num_batched_tokens` tokens and at most `max_num_seqs` sequences:
+
+1. Running sequences first, oldest request first: a decoding sequence needs 1 token, a sequence
+   still in (chunked) prefill gets as much of its remaining prompt as the budget allows. Before a
+   sequence is scheduled its blocks must be ready (`can_append` / `may_append`); when the pool is
+   out of blocks, the newest running request is preempted: its blocks are freed and it goes back
+   to the front of the waiting queue, to be recomputed later (its outputs are kept).
+2. Then waiting requests, in order, while budget, sequence slots and blocks last (a new prompt may
+   be cut into chunks; only the chunk's last step samples a token).
+
+A request with best_of > 1 prefills its first sequence only; the others are forked from it once
+the prompt is computed (sharing its blocks by reference count) and recompute just the last prompt
+token into a private copy of the shared partial block (copy-on-write).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from m0_config.config import EngineConfig
+from m0_config.logger import init_logger
+from m0_config.sequence import Request, Sequence, SequenceStatus
+from m1_sampling.scheduler import Scheduler as StaticScheduler
+from m1_sampling.scheduler import SchedulerOutput as BaseSchedulerOutput
+from m3_paged.block_manager import BlockManager
+
+logger = init_logger(__name__)
+
+
+@dataclass
+class SchedulerOutput(BaseSchedulerOutput):
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
+    num_preempted: int = 0
+
+
+class Scheduler(StaticScheduler):
+    def __init__(self, config: EngineConfig, num_blocks: int):
+        super().__init__(config)
+        sc, cc = config.scheduler_config, config.cache_config
+        self.max_num_batched_tokens = sc.max_num_batched_tokens
+        self.enable_chunked_prefill = sc.enable_chunked_prefill
+        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.pending_forks: dict[int, list[Sequence]] = {}  # parent seq_id -> children waiting for its prompt
+        self.num_preemptions = 0
+
+    # ---- the step --------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.max_num_batched_tokens)
+        if out.num_preempted == 0:  # after a preemption the pool is full: admit nobody this step
+            self._schedule_waiting(out, budget)
+        return out
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        for req in list(self.running):
+            for seq in req.get_seqs(SequenceStatus.RUNNING):
+                if budget == 0 or req not in self.running:
+                    return budget
+                num_new = min(seq.get_len() - seq.data.num_computed_tokens, budget)
+                if not self._reserve_blocks(seq, req, out):
+                    break  # `req` itself was preempted
+                self._add(out, seq, num_new, req)
+                budget -= num_new
+        return budget
+
+    def _reserve_blocks(self, seq: Sequence, req: Request, out: SchedulerOutput) -> bool:
+        """Make `seq`'s blocks ready, preempting the newest running requests while the pool is
+        short. False when `req` itself had to be preempted (it was the newest)."""
+        bm = self.block_manager
+        while not bm.can_append(seq):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        out.block_copies.extend(bm.may_append(seq))
+        return True
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        bm = self.block_manager
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            if self._can_never_run(req):
+                continue
+            seqs = self._seqs_to_allocate(req)
+            if self._num_live_seqs() + len(req.get_seqs()) - self._num_finished(req) > self.max_num_seqs:
+                break
+            if not all(bm.can_allocate(s) for s in seqs) or not self._fits_in_pool(seqs):
+                break
+            remaining = [s.get_len() for s in seqs]  # tokens still to compute, before allocation
+            if not self.enable_chunked_prefill and sum(remaining) > budget and not out.is_empty:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            for seq in seqs:
+                bm.allocate(seq)
+                seq.status, seq.is_prefill = SequenceStatus.RUNNING, True
+                num_new = min(seq.get_len() - seq.data.num_computed_tokens, budget)
+                if num_new > 0:
+                    self._add(out, seq, num_new, req)
+                    budget -= num_new
+            if budget == 0:
+                break
+
+    def _fits_in_pool(self, seqs: list[Sequence]) -> bool:
+        need = sum(self.block_manager.num_required_blocks(s.get_len()) for s in seqs)
+        return need <= self.block_manager.get_num_free_blocks() or len(seqs) == 1
+
+    def _seqs_to_allocate(self, req: Request) -> list[Sequence]:
+        """The sequences that get blocks now. Unstarted candidates (no output yet) are identical:
+        the first is prefilled, the rest wait as `pending_forks` of it."""
+        live = [s for s in req.get_seqs() if not s.is_finished()]
+        fresh = [s for s in live if s.get_output_len() == 0]
+        if len(fresh) > 1:
+            self.pending_forks[fresh[0].seq_id] = fresh[1:]
+        return [s for s in live if s.get_output_len() > 0] + fresh[:1]
+
+    def _can_never_run(self, req: Request) -> bool:
+        """A request that could not run even alone in an empty cache is finished, not looped on."""
+        bm = self.block_manager
+        longest = max(s.get_len() for s in req.get_seqs())
+        if bm.num_required_blocks(longest) <= bm.num_blocks and req.num_seqs() <= self.max_num_seqs:
+            return False
+        logger.warning(
+            "request %s needs %d tokens (%d blocks of %d) and %d sequences; the cache has %d blocks and "
+            "max_num_seqs=%d, so it can never run: finished as 'length'",
+            req.request_id, longest, bm.num_required_blocks(longest), bm.block_size, req.num_seqs(),
+            bm.num_blocks, self.max_num_seqs,
+        )  # fmt: skip
+        self.waiting.popleft()
+        self._finish_request(req, SequenceStatus.FINISHED_IGNORED)
+        return True
+
+    def _num_live_seqs(self) -> int:
+        return sum(1 for r in self.running for s in r.seqs if not s.is_finished())
+
+    @staticmethod
+    def _num_finished(req: Request) -> int:
+        return sum(1 for s in req.seqs if s.is_finished())
+
+    def _add(self, out: SchedulerOutput, seq: Sequence, num_new: int, req: Request) -> None:
+        # Only the step that computes the last uncomputed token samples; earlier chunks do not.
+        samples = seq.data.num_computed_tokens + num_new == seq.get_len()
+        out.add(seq, num_new, samples, req.sampling_params)
+
+    # ---- preemption --------------------------------------------------------------------------------
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        """Recompute preemption: free every block of `req`, keep its tokens, requeue it first.
+        When it returns, `allocate` looks its prefix up in the cache again."""
+        self.running.remove(req)
+        freed = {b for s in req.seqs for b in s.block_table}
+        out.block_copies = [(src, dst) for src, dst in out.block_copies if dst not in freed]
+        for seq in req.get_seqs():
+            if not seq.is_finished():
+                self.block_manager.deallocate(seq)
+                seq.status, seq.is_prefill = SequenceStatus.WAITING, True
+        for seq in req.get_seqs():
+            self.pending_forks.pop(seq.seq_id, None)
+        # Drop rows already scheduled for this request in the current step.
+        keep = [i for i, s in enumerate(out.seqs) if s not in req.seqs]
+        for name in ("seqs", "num_scheduled_tokens", "samples", "sampling_params"):
+            setattr(out, name, [getattr(out, name)[i] for i in keep])
+        self.waiting.appendleft(req)
+        out.num_preempted += 1
+        self.num_preemptions += 1
+
+    # ---- after the step ------------------------------------------------------------------------
+    def update_from_output(self, so: SchedulerOutput) -> None:
+        bm = self.block_manager
+        for seq, n in zip(so.seqs, so.num_scheduled_tokens):
+            seq.data.num_computed_tokens += n
+            if seq.data.num_computed_tokens >= seq.get_len() - (1 if seq.get_output_len() else 0):
+                seq.is_prefill = False
+            bm.cache_full_blocks(seq, min(seq.data.num_computed_tokens, seq.get_len()))
+        self._start_pending_forks()
+        for req in list(self.running):
+            for seq in req.seqs:
+                if seq.is_finished() and seq.block_table:
+                    bm.deallocate(seq)
+            if req.is_finished():
+                self.running.remove(req)
+                self.finished.append(req)
+
+    def _start_pending_forks(self) -> None:
+        """Children whose parent has computed its prompt share its blocks and recompute only the
+        last prompt token (so each samples its own first token from the same logits)."""
+        for parent_id in list(self.pending_forks):
+            req = next((r for r in self.running if any(s.seq_id == parent_id for s in r.seqs)), None)
+            parent = next(s for s in req.seqs if s.seq_id == parent_id)
+            if parent.data.num_computed_tokens < parent.get_prompt_len():
+                continue
+            for child in self.pending_forks.pop(parent_id):
+                self.block_manager.fork(parent, child)  # the parent's table holds just the prompt
+                child.data.num_computed_tokens = child.get_len() - 1
+                child.status, child.is_prefill = SequenceStatus.RUNNING, True
+
+    def _finish_request(self, req: Request, status: SequenceStatus) -> None:
+        for seq in req.seqs:
+            if seq.block_table:
+                self.block_manager.deallocate(seq)
+            self.pending_forks.pop(seq.seq_id, None)
+        super()._finish_request(req, status)

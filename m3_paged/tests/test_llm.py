@@ -1,0 +1,171 @@
+"""m3's engine: the same tokens as m2 (and so m1 and HF) under paging, prefix caching,
+preemption and chunked prefill; forks share prompt blocks."""
+
+from __future__ import annotations
+
+import pytest
+
+import m2_kvcache
+from m0_config.sequence import SequenceStatus
+from m3_paged import LLM, BeamSearchParams, SamplingParams
+
+pytestmark = pytest.mark.m3
+
+PROMPTS = [
+    "Hello, my name is",
+    "The model",
+    "a cache block page attention query key value batch step prefill decode schedule",
+    "你好",
+    "x",
+    "a cache block page attention query key value batch step prefill decode schedule sequence",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+def _tokens(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+@pytest.fixture(scope="module")
+def m2_greedy(qwen3_dir):
+    return _tokens(m2_kvcache.LLM(qwen3_dir).generate(PROMPTS, GREEDY, use_tqdm=False))
+
+
+def test_greedy_equals_m2_all_archs(toy_arch_dir):
+    m2 = m2_kvcache.LLM(toy_arch_dir).generate(PROMPTS, GREEDY, use_tqdm=False)
+    m3 = LLM(toy_arch_dir, max_num_seqs=3, block_size=4).generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert _tokens(m3) == _tokens(m2)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 16, 64])
+def test_block_sizes(qwen3_dir, m2_greedy, block_size):
+    llm = LLM(qwen3_dir, block_size=block_size)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+
+
+def test_prefix_caching_on_equals_off_and_hits(qwen3_dir, m2_greedy):
+    off = LLM(qwen3_dir, block_size=4, enable_prefix_caching=False)
+    on = LLM(qwen3_dir, block_size=4, enable_prefix_caching=True)
+    assert _tokens(off.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+    assert _tokens(on.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+    stats = on.llm_engine.scheduler.block_manager.stats
+    # Prompts admitted in the same step cannot hit each other: blocks are hashed once computed.
+    first_hits = stats.hits
+    assert _tokens(on.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy  # now mostly from cache
+    assert stats.hits > first_hits and stats.hit_rate > 0
+    assert off.llm_engine.scheduler.block_manager.stats.hits == 0
+
+
+def test_preemption_equals_ample_pool(qwen3_dir, m2_greedy):
+    # 12 blocks of 4 tokens: far less than 6 sequences of up to ~40 tokens need at once.
+    llm = LLM(qwen3_dir, block_size=4, num_gpu_blocks_override=12, max_num_seqs=6)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+    sched = llm.llm_engine.scheduler
+    assert sched.num_preemptions > 0
+    assert sched.block_manager.get_num_free_blocks() == 12
+
+
+@pytest.mark.parametrize("budget", [3, 8])
+def test_chunked_prefill_equals_unchunked(qwen3_dir, m2_greedy, budget):
+    llm = LLM(qwen3_dir, block_size=4, max_num_batched_tokens=budget, max_num_seqs=3)
+    engine = llm.llm_engine
+    chunked = []
+    original = engine.scheduler.schedule
+
+    def spy():
+        out = original()
+        chunked.extend(not s for s in out.samples)
+        return out
+
+    engine.scheduler.schedule = spy
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+    assert any(chunked)  # some steps really computed a non-final chunk
+
+
+def test_unchunked_mode(qwen3_dir, m2_greedy):
+    llm = LLM(qwen3_dir, enable_chunked_prefill=False, max_num_batched_tokens=512)
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+
+
+def test_sampling_features_equal_m2(qwen3_dir):
+    params = [
+        SamplingParams(n=2, best_of=3, temperature=0.9, seed=5, max_tokens=10),
+        SamplingParams(temperature=0.7, top_p=0.8, top_k=20, seed=9, max_tokens=12, logprobs=2),
+        SamplingParams(n=3, temperature=1.0, seed=1, repetition_penalty=1.3, max_tokens=8),
+        SamplingParams(temperature=0, max_tokens=9, stop_token_ids=[260]),
+    ]
+    prompts = PROMPTS[:4]
+    m2 = m2_kvcache.LLM(qwen3_dir).generate(prompts, params, use_tqdm=False)
+    m3 = LLM(qwen3_dir, block_size=4).generate(prompts, params, use_tqdm=False)
+    assert _tokens(m3) == _tokens(m2)
+    for a, b in zip(m2, m3):
+        for x, y in zip(a.outputs, b.outputs):
+            assert y.cumulative_logprob == pytest.approx(x.cumulative_logprob, abs=1e-3)
+
+
+def test_beam_search_equals_m2(qwen3_dir):
+    bp = BeamSearchParams(beam_width=3, max_tokens=6)
+    a = m2_kvcache.LLM(qwen3_dir).beam_search(["The model"], bp)[0]
+    llm = LLM(qwen3_dir, block_size=4)
+    b = llm.beam_search(["The model"], bp)[0]
+    assert [s.tokens for s in a.sequences] == [s.tokens for s in b.sequences]
+    assert llm.llm_engine.scheduler.block_manager.stats.hits > 0  # beams reuse the cached prefix
+
+
+def test_forks_share_prompt_blocks(qwen3_dir):
+    llm = LLM(qwen3_dir, block_size=4)
+    engine = llm.llm_engine
+    bm = engine.scheduler.block_manager
+    prompt = list(range(10, 20))  # 10 tokens: 2 full blocks + a partial one
+    engine.add_request(
+        "r", None, prompt, SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=4, ignore_eos=True)
+    )
+    engine.step()  # prefill of the first candidate only
+    req = engine.scheduler.running[0]
+    parent, *children = req.seqs
+    assert all(c.block_table == parent.block_table for c in children)
+    full = parent.block_table[:2]
+    assert [bm.blocks[b].ref_count for b in full] == [3, 3]
+    assert bm.num_blocks - bm.get_num_free_blocks() == 3  # one copy of the prompt, shared three ways
+    engine.step()  # children recompute the last prompt token into private copies of the partial block
+    assert all(c.block_table[:2] == full for c in children)
+    assert len({s.block_table[2] for s in req.seqs}) == 3
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert bm.get_num_free_blocks() == bm.num_blocks
+
+
+def test_prompt_that_can_never_fit_is_finished_not_looped(qwen3_dir):
+    llm = LLM(qwen3_dir, block_size=4, num_gpu_blocks_override=3)
+    outs = llm.generate(
+        [list(range(1, 30)), [5, 6]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
+    )
+    assert outs[0].outputs[0].finish_reason == "length" and outs[0].outputs[0].token_ids == []
+    assert len(outs[1].outputs[0].token_ids) == 3
+
+
+def test_is_prefill_is_explicit(qwen3_dir):
+    llm = LLM(qwen3_dir, block_size=4, max_num_batched_tokens=4, max_num_seqs=4)
+    engine = llm.llm_engine
+    engine.add_request(
+        "r", None, list(range(10, 20)), SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    )
+    engine.step()
+    seq = engine.scheduler.running[0].seqs[0]
+    assert seq.is_prefill and seq.data.num_computed_tokens == 4 and seq.get_output_len() == 0
+    engine.step()
+    engine.step()  # 10 tokens in chunks of 4, 4, 2: the last chunk samples
+    assert not seq.is_prefill and seq.get_output_len() == 1
+    assert seq.status == SequenceStatus.RUNNING
+
+
+def test_kv_cache_usage_wastes_at_most_a_block_per_sequence(qwen3_dir):
+    llm = LLM(qwen3_dir, block_size=8)
+    engine = llm.llm_engine
+    engine.add_request(
+        "r", None, list(range(10, 21)), SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    )
+    engine.step()
+    usage = engine.kv_cache_usage()
+    per_token = engine.config.model_config.kv_cache_bytes_per_token()
+    assert usage.used_bytes == 11 * per_token and usage.reserved_bytes == 16 * per_token
