@@ -9,6 +9,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+# Temperatures below this count as greedy (vLLM's _SAMPLING_EPS): dividing logits by 1e-7 only
+# turns the distribution into an argmax with a risk of overflow, so it is treated as exactly that.
+SAMPLING_EPS = 1e-5
+
 
 class SamplingType(enum.IntEnum):
     GREEDY = 0  # temperature == 0: argmax, no randomness
@@ -30,7 +34,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    temperature: float = 1.0
+    temperature: float = 1.0  # below SAMPLING_EPS (including 0): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: all tokens
     min_p: float = 0.0
@@ -71,7 +75,7 @@ class SamplingParams:
             f"an int >= n ({self.n})",
             self.best_of,
         )
-        if self.temperature == 0:
+        if self.temperature < SAMPLING_EPS:
             # Greedy decoding is deterministic: extra candidates would all be the same sequence.
             _check(self.best_of == 1, "best_of", "1 when temperature=0 (greedy)", self.best_of)
         _check(self.seed is None or isinstance(self.seed, int), "seed", "an int or None", self.seed)
@@ -120,7 +124,7 @@ class SamplingParams:
             )
 
     def _sampling_type(self) -> SamplingType:
-        if self.temperature == 0.0:
+        if self.temperature < SAMPLING_EPS:
             return SamplingType.GREEDY
         return SamplingType.RANDOM_SEED if self.seed is not None else SamplingType.RANDOM
 
@@ -140,6 +144,14 @@ class BeamSearchParams:
     length_penalty: float = 1.0
 
     def __post_init__(self) -> None:
+        # Beams are ranked by the model's raw log-probabilities; a temperature would change nothing
+        # in that ranking, so anything but 0 is refused rather than silently ignored.
+        _check(
+            self.temperature == 0.0,
+            "temperature",
+            "0 for beam search (beams rank raw logprobs)",
+            self.temperature,
+        )
         _check(
             isinstance(self.beam_width, int) and self.beam_width >= 1,
             "beam_width",
@@ -152,4 +164,3 @@ class BeamSearchParams:
             "an int >= 1",
             self.max_tokens,
         )
-        _check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)

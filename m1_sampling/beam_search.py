@@ -49,11 +49,12 @@ def beam_search(llm, prompts, params: BeamSearchParams) -> list[BeamSearchOutput
     ]
     beams = [[Sequence(next(ids), p.prompt, p.prompt_token_ids)] for p in parsed]
     completed: list[list[Sequence]] = [[] for _ in parsed]
-    step_params = SamplingParams(
-        max_tokens=1, logprobs=2 * params.beam_width, temperature=params.temperature, ignore_eos=True
-    )
+    step_params = SamplingParams(max_tokens=1, logprobs=2 * params.beam_width, temperature=0, ignore_eos=True)
     for _ in range(params.max_tokens):
-        live = [(i, b) for i, bs in enumerate(beams) for b in bs if b.get_len() < mc.max_model_len]
+        for i, bs in enumerate(beams):  # a beam that reached max_model_len is complete ("length")
+            completed[i].extend(b for b in bs if b.get_len() >= mc.max_model_len)
+            beams[i] = [b for b in bs if b.get_len() < mc.max_model_len]
+        live = [(i, b) for i, bs in enumerate(beams) for b in bs]
         if not live:
             break
         outs = llm.generate(

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from m0_config.sampling_params import SamplingParams
-from m0_config.sequence import Sequence
-
 # vLLM's threshold: a temperature this small is treated as greedy (dividing by it would overflow).
-SAMPLING_EPS = 1e-5
+from m0_config.sampling_params import (
+    SAMPLING_EPS,  # noqa: E402  (one threshold for m0 and the sampler)
+    SamplingParams,
+)
+from m0_config.sequence import Sequence
 
 
 @dataclass

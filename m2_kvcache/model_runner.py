@@ -22,7 +22,12 @@ def available_memory(device: torch.device) -> int:
     """Free bytes on the device (for a CPU: the machine's available RAM)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:  # MemAvailable counts reclaimable page cache; free RAM alone would be too pessimistic
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+        return kib * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class ModelRunner:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import torch
 
 
-def varlen_layout(query_lens: list[int], seq_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def varlen_layout(
+    query_lens: list[int], seq_lens: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(cu_seqlens_q (num_seqs+1,), token_seq_ids (num_tokens,), positions (num_tokens,)), int64 on
     the CPU, of a flattened batch whose sequence b has query_lens[b] new tokens ending at seq_lens[b]."""
     q_lens = torch.tensor(query_lens, dtype=torch.int64)
