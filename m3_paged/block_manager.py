@@ -169,7 +169,7 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         for block_id in child.block_table:
             self.blocks[block_id].ref_count += 1
-        child.num_cached_tokens = getattr(parent, "num_cached_tokens", 0)
+        child.num_cached_tokens = parent.num_cached_tokens
 
     # ---- appending (decode) --------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:

@@ -37,16 +37,18 @@ def cpu_budget(config: EngineConfig) -> int:
     return min(full, CPU_DEFAULT_BUDGET)
 
 
-def num_blocks_for(config: EngineConfig, budget_bytes: int) -> int:
+def num_blocks_for(config: EngineConfig, budget_bytes: int, bytes_per_block: int | None = None) -> int:
+    """`budget_bytes // bytes_per_block` (default: `block_bytes(config)`), unless an override says otherwise."""
     cc = config.cache_config
     if cc.num_gpu_blocks_override is not None:
         return cc.num_gpu_blocks_override
     if cc.kv_cache_memory_bytes is not None:
         budget_bytes = cc.kv_cache_memory_bytes
-    num_blocks = budget_bytes // block_bytes(config)
+    bytes_per_block = bytes_per_block or block_bytes(config)
+    num_blocks = budget_bytes // bytes_per_block
     if num_blocks < 1:
         raise ValueError(
-            f"no memory left for a single KV-cache block ({block_bytes(config)} bytes; budget {budget_bytes} "
+            f"no memory left for a single KV-cache block ({bytes_per_block} bytes; budget {budget_bytes} "
             "bytes): raise gpu_memory_utilization / kv_cache_memory_bytes, or use a smaller model or dtype"
         )
     return int(num_blocks)

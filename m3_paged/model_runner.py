@@ -37,12 +37,7 @@ class ModelRunner(SlotModelRunner):
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
     def allocate_kv_cache(self) -> torch.Tensor:
-        if self.device.type == "cuda":
-            self.profile_run()
-            budget = cuda_budget(self.config, self.device)
-        else:
-            budget = cpu_budget(self.config)
-        self.num_blocks = num_blocks_for(self.config, budget)
+        self.num_blocks = self.determine_num_blocks()
         mc = self.config.model_config
         layers = self._attention_layers()
         kv = torch.zeros(
@@ -55,10 +50,25 @@ class ModelRunner(SlotModelRunner):
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s backend); maximum concurrency for "
             "%d-token requests: %.2fx",
-            self.num_blocks, self.block_size, tokens, self.num_blocks * block_bytes(self.config) / 2**30,
+            self.num_blocks, self.block_size, tokens, self.num_blocks * self.block_bytes() / 2**30,
             self.attn_backend.name, mc.max_model_len, tokens / mc.max_model_len,
         )  # fmt: skip
         return kv
+
+    def determine_num_blocks(self) -> int:
+        """Blocks that fit the budget: what a profiling run leaves on CUDA, a byte budget on a CPU.
+        Extension point: m5's ranks agree on the minimum."""
+        if self.device.type == "cuda":
+            self.profile_run()
+            budget = cuda_budget(self.config, self.device)
+        else:
+            budget = cpu_budget(self.config)
+        return num_blocks_for(self.config, budget, self.block_bytes())
+
+    def block_bytes(self) -> int:
+        """Bytes of one KV block on this device. Extension point: under m5 a rank holds only its
+        share of the KV heads."""
+        return block_bytes(self.config)
 
     def _attention_layers(self):
         return attention_layers(self.model)

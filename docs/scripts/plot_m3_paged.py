@@ -141,7 +141,9 @@ def run_m2(reqs, max_num_seqs: int, max_model_len: int):
     )
     engine = M2RecordingEngine(config)
     for i, (prompt, max_tokens) in enumerate(reqs):
-        engine.add_request(f"r{i}", None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        engine.add_request(
+            f"r{i}", None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        )
     usage, outputs = [], {}
     while engine.has_unfinished_requests():
         outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()})
@@ -185,7 +187,9 @@ def plot_block_pool(records: list[StepRecord], requests: list[str], block_size: 
         Patch(facecolor=colour[CACHED], label="free, still caches a prefix (revivable)"),
         Patch(facecolor="white", edgecolor="grey", label="free, empty"),
     ]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=7, frameon=False, fontsize=8)
+    ax.legend(
+        handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=7, frameon=False, fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -210,10 +214,11 @@ def plot_step_tokens(records: list[StepRecord], budget: int, path: str) -> None:
         if rec.num_preempted:
             ax.axvline(step, color="red", lw=1.2, ls="--")
     ax.set_xlim(-0.5, len(records) - 0.5)
+    ax.set_ylim(0, budget * 1.5)
     ax.set_xlabel("engine step (red dashes: a step that preempted)")
     ax.set_ylabel("tokens computed")
     ax.set_title("m3 token budget: running sequences first, then waiting prompts in chunks")
-    ax.legend(loc="upper right", frameon=False, fontsize=8)
+    ax.legend(loc="upper right", ncol=2, frameon=False, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -222,7 +227,7 @@ def plot_step_tokens(records: list[StepRecord], budget: int, path: str) -> None:
 def plot_memory(records: list[StepRecord], m2_usage: list[tuple[int, int]], path: str) -> None:
     """KV-cache bytes per step: m2's reserved slots, m3's blocks in use, and the tokens they hold."""
     kib = 1024
-    fig, ax = plt.subplots(figsize=(12, 3.6))
+    fig, ax = plt.subplots(figsize=(12, 4.2))
     ax.step(
         range(1, len(m2_usage) + 1), [r / kib for r, _ in m2_usage], where="post", color="tab:red",
         label="m2: reserved by the slots (max_num_seqs x max_model_len)",
@@ -242,7 +247,7 @@ def plot_memory(records: list[StepRecord], m2_usage: list[tuple[int, int]], path
     ax.set_xlabel("engine step")
     ax.set_ylabel("KV cache (KiB)")
     ax.set_title("the same requests through m2 (contiguous slots) and m3 (paged blocks, ample pool)")
-    ax.legend(loc="upper right", frameon=False, fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False, fontsize=8)
     ax.set_ylim(0, None)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -253,7 +258,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=10)
     p.add_argument("--block-size", type=int, default=4)
-    p.add_argument("--num-blocks", type=int, default=40)
+    p.add_argument("--num-blocks", type=int, default=26)
     p.add_argument("--budget", type=int, default=24)
     p.add_argument("--max-num-seqs", type=int, default=4)
     p.add_argument("--max-model-len", type=int, default=128)

@@ -11,11 +11,13 @@ from its config, chosen by the checkpoint's architecture. Module and parameter n
 
 Two extension points keep this code unique across milestones: `attn_backend` (the cache layout and
 attention kernel: m3 passes a paged one) and `layers` (the weight-holding layer classes: m5 passes
-tensor-parallel ones).
+tensor-parallel ones). A third keeps it unique across the model family: `make_mlp` builds each
+layer's MLP block (dense here; Qwen3-MoE returns a mixture-of-experts block for its sparse layers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +113,15 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+# (hf_config, layer_idx, layers, options) -> the layer's MLP block, (num_tokens, hidden) -> same shape.
+MLPFactory = Callable[[Any, int, ModelLayers, DecoderOptions], nn.Module]
+
+
+def dense_mlp(hf_config: Any, layer_idx: int, layers: ModelLayers, options: DecoderOptions) -> nn.Module:
+    """The gated MLP of every layer of the dense models (hf_config.intermediate_size wide)."""
+    return LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, options.mlp_bias, layers)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(
         self,
@@ -120,10 +131,11 @@ class LlamaDecoderLayer(nn.Module):
         attn_backend: AttentionBackend,
         layers: ModelLayers,
         options: DecoderOptions,
+        make_mlp: MLPFactory = dense_mlp,
     ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(hf_config, layer_idx, rotary_emb, attn_backend, layers, options)
-        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, options.mlp_bias, layers)
+        self.mlp = make_mlp(hf_config, layer_idx, layers, options)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -147,7 +159,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, hf_config: Any, attn_backend: AttentionBackend, layers: ModelLayers, options: DecoderOptions
+        self,
+        hf_config: Any,
+        attn_backend: AttentionBackend,
+        layers: ModelLayers,
+        options: DecoderOptions,
+        make_mlp: MLPFactory = dense_mlp,
     ) -> None:
         super().__init__()
         self.embed_tokens = layers.embedding(hf_config.vocab_size, hf_config.hidden_size)
@@ -155,7 +172,7 @@ class LlamaModel(nn.Module):
         # One table of cos/sin for all layers.
         rotary_emb = get_rope(config_head_dim(hf_config), hf_config.max_position_embeddings, theta, scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(hf_config, i, rotary_emb, attn_backend, layers, options)
+            LlamaDecoderLayer(hf_config, i, rotary_emb, attn_backend, layers, options, make_mlp)
             for i in range(hf_config.num_hidden_layers)
         )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
@@ -183,6 +200,8 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    # Builds each layer's MLP block; a model with other MLPs (Qwen3-MoE) overrides it.
+    make_mlp = staticmethod(dense_mlp)
 
     def __init__(
         self, hf_config: Any, attn_backend: AttentionBackend | None = None, layers: ModelLayers | None = None
@@ -192,7 +211,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = hf_config
         layers = layers or ModelLayers()
         attn_backend = attn_backend or ContiguousCacheBackend()
-        self.model = LlamaModel(hf_config, attn_backend, layers, self.decoder_options(hf_config))
+        options = self.decoder_options(hf_config)
+        self.model = LlamaModel(hf_config, attn_backend, layers, options, self.make_mlp)
         self.lm_head = layers.lm_head(hf_config.vocab_size, hf_config.hidden_size, False)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.tie_weights(self.model.embed_tokens)

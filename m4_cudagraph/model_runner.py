@@ -1,0 +1,109 @@
+"""m4's model runner: m3's, with the decode step captured as CUDA graphs and replayed.
+
+Decode steps of small models are bound by kernel-launch overhead: one step launches a few
+hundred small kernels, each costing several microseconds of CPU time, while the GPU work per
+kernel is tiny. A CUDA graph records the whole step once (per batch-size bucket) and replays it
+with a single launch. Prefill steps are not captured: their shapes (token counts) vary too much.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from m0_config.config import EngineConfig
+from m0_config.logger import init_logger
+from m3_paged.attention.metadata import PagedAttentionMetadata
+from m3_paged.model_runner import ModelRunner as PagedModelRunner
+from m3_paged.scheduler import SchedulerOutput
+from m4_cudagraph.buckets import capture_sizes, pick_bucket
+from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs
+
+logger = init_logger(__name__)
+
+
+class ModelRunner(PagedModelRunner):
+    def __init__(self, config: EngineConfig):
+        super().__init__(config)  # model, KV cache
+        mc = config.model_config
+        self.capture_sizes = capture_sizes(config.scheduler_config.max_num_seqs)
+        self.buffers = DecodeBuffers.allocate(
+            self.capture_sizes[-1], mc.max_model_len, self.block_size, self.device
+        )
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_logits: dict[int, torch.Tensor] = {}  # bucket -> (bucket, vocab) output of its graph
+        self.graph_pool = None
+        # Static (padded, fixed-address) decode: always with graphs; tests may turn it on on a CPU.
+        self.use_static_decode = self.device.type == "cuda" and not config.enforce_eager
+        if self.use_static_decode:
+            self.capture_cudagraphs()
+
+    # ---- capture ---------------------------------------------------------------------------------
+    def decode_metadata(self, bs: int) -> PagedAttentionMetadata:
+        """Metadata whose tensors are views of the static buffers (the graph reads these addresses).
+        max_seqlen_k is the worst case, so nothing in the kernels depends on this step's lengths."""
+        b = self.buffers
+        return PagedAttentionMetadata(
+            cu_seqlens_q=b.cu_seqlens_q[: bs + 1],
+            seq_lens=b.seq_lens[:bs],
+            slot_ids=b.token_seq_ids[:bs],
+            max_seqlen_q=1,
+            max_seqlen_k=self.config.model_config.max_model_len,
+            token_seq_ids=b.token_seq_ids[:bs],
+            positions=b.positions[:bs],
+            block_tables=b.block_tables[:bs],
+            slot_mapping=b.slot_mapping[:bs],
+            block_size=self.block_size,
+        )
+
+    def forward_decode_static(self, bs: int) -> torch.Tensor:
+        """One decode step of `bs` rows read from the static buffers: (bs, vocab) logits."""
+        md = self.decode_metadata(bs)
+        hidden = self.model(self.buffers.input_ids[:bs], md.positions, md)  # (bs, hidden_size)
+        return self.model.compute_logits(hidden)  # every row is its sequence's last token
+
+    @torch.inference_mode()
+    def capture_cudagraphs(self) -> None:
+        """Largest bucket first, all graphs in one memory pool: later (smaller) graphs reuse the
+        memory of the first, so the pool costs about as much as the largest graph alone."""
+        start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
+        for bs in reversed(self.capture_sizes):
+            self.forward_decode_static(bs)  # warm-up: Triton compiles, cuBLAS picks its kernels
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                self.graph_logits[bs] = self.forward_decode_static(bs)
+            self.graph_pool = self.graph_pool or graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.perf_counter() - start
+        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info(
+            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s, using %.0f MiB",
+            len(self.graphs), self.capture_sizes, self.capture_seconds, self.graph_memory_bytes / 2**20,
+        )  # fmt: skip
+
+    # ---- execution -------------------------------------------------------------------------------
+    def decode_bucket(self, so: SchedulerOutput) -> int | None:
+        """The bucket to replay, or None to run eagerly: a step with any prefill (explicit flag)
+        or a batch larger than every bucket."""
+        if not self.use_static_decode or any(s.is_prefill for s in so.seqs):
+            return None
+        return pick_bucket(self.capture_sizes, len(so.seqs))
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> torch.Tensor:
+        bucket = self.decode_bucket(so)
+        if bucket is None:
+            return super().execute_model(so)
+        self.copy_blocks(so.block_copies)
+        host = host_decode_inputs(so.seqs, bucket, self.block_size, self.buffers.max_blocks_per_seq)
+        for name, tensor in host.items():
+            getattr(self.buffers, name)[:bucket].copy_(tensor, non_blocking=True)
+        if bucket in self.graphs:
+            self.graphs[bucket].replay()
+            logits = self.graph_logits[bucket]
+        else:  # static decode without a graph (CPU tests): the same padded computation, eagerly
+            logits = self.forward_decode_static(bucket)
+        return logits[: len(so.seqs)].float()

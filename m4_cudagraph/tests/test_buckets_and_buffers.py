@@ -1,0 +1,90 @@
+"""m4's CPU-testable parts: buckets, padding, static buffers, and the eager fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m0_config.sequence import Sequence
+from m4_cudagraph.buckets import capture_sizes, pick_bucket
+from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs
+
+pytestmark = pytest.mark.m4
+
+
+@pytest.mark.parametrize("max_num_seqs", [1, 3, 8, 16, 23, 64, 256])
+def test_capture_sizes_always_include_max_num_seqs(max_num_seqs):
+    sizes = capture_sizes(max_num_seqs)
+    assert sizes == sorted(set(sizes)) and sizes[-1] == max_num_seqs
+    assert all(1 <= s <= max_num_seqs for s in sizes)
+    # every batch size the scheduler can form has a bucket, and it is the smallest that fits
+    for bs in range(1, max_num_seqs + 1):
+        bucket = pick_bucket(sizes, bs)
+        assert bucket >= bs and not any(bs <= s < bucket for s in sizes)
+
+
+def test_capture_sizes_for_23():
+    assert capture_sizes(23) == [1, 2, 4, 8, 16, 23]
+    assert pick_bucket(capture_sizes(23), 17) == 23
+    assert pick_bucket(capture_sizes(23), 24) is None  # more rows than any graph: eager
+
+
+def test_block_tables_cover_max_model_len():
+    buf = DecodeBuffers.allocate(max_bs=8, max_model_len=100, block_size=16, device="cpu")
+    assert buf.max_blocks_per_seq == 7  # ceil(100 / 16)
+    assert buf.slot_mapping.tolist() == [-1] * 8
+
+
+def _seq(seq_id, tokens, table):
+    s = Sequence(seq_id, None, tokens)
+    s.block_table = table
+    return s
+
+
+def test_host_inputs_pad_rows_to_a_dummy_slot():
+    block_size = 4
+    a = _seq(0, [1, 2, 3, 4, 5, 6], [7, 2])  # last token at position 5: block 2, offset 1 -> slot 9
+    b = _seq(1, [9, 8, 7], [5])  # position 2 in block 5 -> slot 22
+    host = host_decode_inputs([a, b], bucket=4, block_size=block_size, max_blocks=3)
+    assert host["input_ids"].tolist() == [6, 7, 0, 0]
+    assert host["positions"].tolist() == [5, 2, 0, 0]
+    assert host["slot_mapping"].tolist() == [9, 22, -1, -1]  # padding rows write nowhere
+    assert host["seq_lens"].tolist() == [6, 3, 1, 1]  # padding rows see one dummy key
+    assert host["block_tables"].tolist() == [[7, 2, 0], [5, 0, 0], [0, 0, 0], [0, 0, 0]]
+
+
+def test_host_inputs_reject_overflow():
+    with pytest.raises(ValueError, match="do not fit"):
+        host_decode_inputs([_seq(i, [1], [0]) for i in range(3)], bucket=2, block_size=4, max_blocks=1)
+    with pytest.raises(ValueError, match="graphs hold 1"):
+        host_decode_inputs([_seq(0, [1] * 5, [0, 1])], bucket=1, block_size=4, max_blocks=1)
+
+
+def test_cpu_runs_eagerly_without_graphs(qwen3_dir):
+    from m4_cudagraph import LLM
+
+    llm = LLM(qwen3_dir, max_num_seqs=4)
+    runner = llm.llm_engine.model_runner
+    assert not runner.use_static_decode and runner.graphs == {}
+    assert runner.capture_sizes == [1, 2, 4]
+
+
+def test_enforce_eager_is_accepted_and_rejected_before_m4(qwen3_dir):
+    import m3_paged
+    from m4_cudagraph import LLM
+
+    assert LLM(qwen3_dir, enforce_eager=True).llm_engine.config.enforce_eager
+    with pytest.raises(ValueError, match="enforce_eager.*m4_cudagraph"):
+        m3_paged.LLM(qwen3_dir, enforce_eager=True)
+
+
+def test_buffers_are_reused_not_reallocated(qwen3_dir):
+    from m4_cudagraph import LLM, SamplingParams
+
+    llm = LLM(qwen3_dir, max_num_seqs=4)
+    runner = llm.llm_engine.model_runner
+    runner.use_static_decode = True  # the padded static path, run eagerly on the CPU
+    ptr = runner.buffers.input_ids.data_ptr()
+    llm.generate(["Hello", "The model"], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert runner.buffers.input_ids.data_ptr() == ptr
+    assert torch.all(runner.buffers.cu_seqlens_q == torch.arange(5, dtype=torch.int32))
