@@ -169,3 +169,33 @@ def test_kv_cache_usage_wastes_at_most_a_block_per_sequence(qwen3_dir):
     usage = engine.kv_cache_usage()
     per_token = engine.config.model_config.kv_cache_bytes_per_token()
     assert usage.used_bytes == 11 * per_token and usage.reserved_bytes == 16 * per_token
+
+
+# ---- GPU (marker gpu): the Triton backend and the whole engine on CUDA ---------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_engine_equals_m2_and_torch_backend(toy_arch_dir):
+    """float32 on CUDA: m3 with the Triton kernels equals m3 with the torch path and m2."""
+    kw = dict(device="cuda", dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    m2 = _tokens(m2_kvcache.LLM(toy_arch_dir, **kw).generate(PROMPTS, params, use_tqdm=False))
+    for backend in ("triton", "torch"):
+        llm = LLM(toy_arch_dir, block_size=16, attention_backend=backend, max_num_batched_tokens=32, **kw)
+        assert llm.llm_engine.model_runner.attn_backend.name == backend
+        assert _tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == m2
+
+
+@pytest.mark.gpu
+def test_gpu_preemption_and_prefix_cache(qwen3_dir):
+    kw = dict(device="cuda", dtype="float32", block_size=16)
+    m2_greedy = _tokens(
+        m2_kvcache.LLM(qwen3_dir, device="cuda", dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)
+    )
+    tight = LLM(qwen3_dir, num_gpu_blocks_override=6, max_num_seqs=6, **kw)
+    assert _tokens(tight.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+    assert tight.llm_engine.scheduler.num_preemptions > 0
+    cached = LLM(qwen3_dir, **kw)
+    cached.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert _tokens(cached.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
+    assert cached.llm_engine.scheduler.block_manager.stats.hits > 0
