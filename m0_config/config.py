@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 # The architectures (config.json "architectures") that every milestone's model code supports.
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3MoeForCausalLM")
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 

@@ -2,7 +2,7 @@
 
 `write_toy_checkpoint(path, arch)` writes config.json, model.safetensors, a byte-level BPE
 tokenizer trained here with `tokenizers`, a chat template and generation_config.json, for the
-architectures qwen3, qwen2 and llama. Nothing is downloaded. Tests, notebooks and the demo use
+architectures qwen3, qwen2, llama and qwen3_moe. Nothing is downloaded. Tests, notebooks and the demo use
 `toy_checkpoint(arch)`, which writes once into a cache folder and reuses it.
 """
 
@@ -43,6 +43,19 @@ ARCHS = {
     ),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", tie_word_embeddings=True),
     "llama": dict(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=False),
+    # 4 experts, 2 per token; layer 1 is dense (mlp_only_layers), layer 0 has experts.
+    "qwen3_moe": dict(
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        head_dim=32,
+        tie_word_embeddings=False,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        norm_topk_prob=True,
+    ),
 }
 # Real shapes with random weights, for benchmarks (the toy tokenizer still applies).
 PRESETS = {

@@ -2,7 +2,9 @@
 
 No transformers involved: the checkpoint's tensors are read one at a time with safetensors.safe_open
 and handed to the owning layer's `weight_loader`, which copies it into place (and, in m5, keeps only
-its rank's slice). The checks make a broken checkpoint fail loudly instead of running with garbage:
+its rank's slice). Names map to parameters through the model's `packed_modules_mapping` (q/k/v into
+qkv_proj, gate/up into gate_up_proj) and, for a mixture-of-experts model, its `expert_params_mapping`
+(each expert's gate/up/down tensor into the stacked expert weights, shard id (expert, shard)). The checks make a broken checkpoint fail loudly instead of running with garbage:
 every parameter must be filled exactly once, and every checkpoint tensor must land somewhere.
 """
 
@@ -90,6 +92,28 @@ def map_checkpoint_name(name: str, packed_modules_mapping: dict) -> tuple[str, o
     return name, None
 
 
+def map_expert_name(name: str, expert_params_mapping: dict) -> tuple[str, object] | None:
+    """Per-expert checkpoint name -> (stacked parameter name, (expert id, shard)):
+    ...mlp.experts.3.up_proj.weight -> (...mlp.experts.gate_up_proj, (3, 1)); None for any other name."""
+    prefix, sep, rest = name.partition(".experts.")
+    target = expert_params_mapping.get(f"experts.{rest}") if sep else None
+    if target is None:
+        return None
+    param, shard_id = target
+    return f"{prefix}.{param}", shard_id
+
+
+def expected_expert_shards(param_name: str, expert_params_mapping: dict) -> dict[object, str] | None:
+    """shard id -> checkpoint name for a stacked expert parameter (None for any other parameter)."""
+    prefix, sep, rest = param_name.partition(".experts.")
+    if not sep:
+        return None
+    shards = {
+        sid: f"{prefix}.{ckpt}" for ckpt, (p, sid) in expert_params_mapping.items() if p == f"experts.{rest}"
+    }
+    return shards or None
+
+
 def expected_shards(param_name: str, packed_modules_mapping: dict) -> dict[object, str]:
     """shard id -> checkpoint module name for a fused parameter ({None: ""} for an unfused one)."""
     parts = set(param_name.split("."))
@@ -101,6 +125,7 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     """Fill every parameter of `model` from the checkpoint, exactly once; ValueError naming the tensor
     for one that is missing, unexpected, mis-shaped or loaded twice."""
     mapping = getattr(model, "packed_modules_mapping", {})
+    experts = getattr(model, "expert_params_mapping", {})
     params = dict(model.named_parameters())  # a tied parameter appears once, under its first name
     # Other names of a tied parameter (lm_head.weight when tied): the checkpoint may repeat it; skip.
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
@@ -108,11 +133,12 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
     for ckpt_name, tensor in iterate_weights(model_dir):
         if ckpt_name.endswith(_IGNORED_SUFFIXES) or ckpt_name in aliases:
             continue
-        name, shard_id = map_checkpoint_name(ckpt_name, mapping)
+        name, shard_id = map_expert_name(ckpt_name, experts) or map_checkpoint_name(ckpt_name, mapping)
         if name not in params:
             raise ValueError(f"unexpected tensor {ckpt_name!r} in the checkpoint: the model has no {name!r}")
-        if shard_id in loaded[name]:
-            raise ValueError(f"tensor {ckpt_name!r} appears twice in the checkpoint")
+        # A whole (fused or stacked) tensor overlaps every shard of the same parameter.
+        if shard_id in loaded[name] or None in loaded[name] or (shard_id is None and loaded[name]):
+            raise ValueError(f"tensor {ckpt_name!r} appears twice in the checkpoint (or overlaps another)")
         module = model.get_submodule(name.rpartition(".")[0])
         weight_loader = getattr(module, "weight_loader", default_weight_loader)
         try:
@@ -120,14 +146,20 @@ def load_weights(model: nn.Module, model_dir: str) -> None:
         except ValueError as e:
             raise ValueError(f"tensor {ckpt_name!r} (parameter {name!r}): {e}") from None
         loaded[name].add(shard_id)
-    _check_all_loaded(params, loaded, mapping)
+    _check_all_loaded(params, loaded, mapping, experts)
 
 
-def _check_all_loaded(params: dict, loaded: dict, mapping: dict) -> None:
-    """Every parameter (every shard of a fused one) must have been filled; name what was not, by its
-    checkpoint name."""
+def _check_all_loaded(params: dict, loaded: dict, mapping: dict, experts: dict) -> None:
+    """Every parameter (every shard of a fused one, unless it came whole) must have been filled; name
+    what was not, by its checkpoint name."""
     missing = []
     for name in params:
+        if None in loaded[name]:  # loaded whole
+            continue
+        expert_shards = expected_expert_shards(name, experts)
+        if expert_shards is not None:
+            missing += [ckpt for shard_id, ckpt in expert_shards.items() if shard_id not in loaded[name]]
+            continue
         for shard_id, src in expected_shards(name, mapping).items():
             if shard_id not in loaded[name]:
                 missing.append(name if shard_id is None else name.replace(f".{mapping[src][0]}.", f".{src}."))

@@ -18,16 +18,20 @@ Contract with the scheduler (one sequence's life; `bm` is the BlockManager):
    computed get a hash, so no other sequence can hit a block whose K/V is not written yet.
 3. Before a step that feeds new tokens to a running sequence (decode: the sampled token was just
    appended with `seq.append_token_id`): `if bm.can_append(seq): copies = bm.may_append(seq)`, else
-   preempt someone and retry. Afterwards the table covers every token again, and every block that
-   the step writes (from position `num_computed_tokens` on) is private to `seq` (ref_count 1, no
-   hash). `copies` lists `(src_block_id, dst_block_id)` pairs: copy-on-write of a shared partial
-   block; the model runner must copy block `src` to `dst` in every layer's K and V cache before
-   the step writes. It is empty except right after a fork.
+   preempt someone and retry. Call it before *every* step that computes tokens of a running
+   sequence (a no-op for prefill chunks). Afterwards the table covers every token again, and every
+   block that the step writes (from position `num_computed_tokens` on) is private to `seq`
+   (ref_count 1, no hash). `copies` lists `(src_block_id, dst_block_id)` pairs (copy-on-write of
+   a shared or cached block); the model runner must copy block `src` to `dst` in every layer's K
+   and V cache before the step writes. It is empty except after a fork or a rewind of
+   `num_computed_tokens`.
 4. Finished or preempted (recompute): `bm.deallocate(seq)`. It clears the block table and resets
    `seq.num_cached_tokens` and `seq.data.num_computed_tokens` to 0; a preempted sequence goes back
    to step 1, where its cached-token count is looked up afresh.
 5. Forks (n > 1, best_of, beam search): `child = seq.fork(new_id); bm.fork(seq, child)`; the child
-   shares every block by reference count. Both then go through step 3 before they write.
+   shares every block by reference count. Both then go through step 3 before they write. The
+   scheduler may set the child's `num_computed_tokens` lower than the parent's (to recompute the
+   last prompt token); step 3 then copies the blocks it would write.
 
 Prefix-caching rules: a lookup walks the full blocks from the start and stops at the first miss
 (a block's K/V depends on all blocks before it); a hash hit counts only if the cached block's
@@ -175,25 +179,30 @@ class BlockManager:
     def can_append(self, seq: Sequence) -> bool:
         """Whether `may_append(seq)` would succeed now."""
         num_new = self.num_required_blocks(seq.get_len()) - len(seq.block_table)
-        num_cow = sum(1 for i in self._written_block_indices(seq) if self._is_shared(seq, i))
+        num_cow = sum(1 for i in self._written_block_indices(seq) if not self._is_writable(seq, i))
         return num_new + num_cow <= self.get_num_free_blocks()
 
     def may_append(self, seq: Sequence) -> list[tuple[int, int]]:
         """Prepare the blocks the next step writes: tokens `seq.data.num_computed_tokens ... len - 1`.
         Grows the table to `ceil(len / block_size)` blocks (a new block when the last token starts
-        one, i.e. `(len - 1) % block_size == 0`; every token when block_size is 1) and replaces
-        every shared block in the written range by a private copy. Returns the
-        `(src_block_id, dst_block_id)` copies the model runner must make first (only for blocks
-        that already hold computed tokens). Raises RuntimeError when `can_append` is False."""
+        one, i.e. `(len - 1) % block_size == 0`; every token when block_size is 1), and replaces
+        every block in the written range that is shared (ref_count > 1) or cached (has a hash) by
+        a private copy, so that a step never writes K/V another sequence or the prefix cache
+        relies on. Returns the `(src_block_id, dst_block_id)` copies the model runner must make
+        before the step (only for blocks that hold computed tokens). Raises RuntimeError when
+        `can_append` is False.
+
+        Copies arise after `fork` (the partial last block both sequences append to) and when the
+        scheduler rewinds `num_computed_tokens` into a cached block (e.g. a fork that recomputes
+        its last prompt token); a plain decode step returns []."""
         if not self.can_append(seq):
             raise RuntimeError(f"not enough free blocks to append to seq {seq.seq_id}")
         copies = []
         for i in self._written_block_indices(seq):
-            if self._is_shared(seq, i):
+            if not self._is_writable(seq, i):
                 src = seq.block_table[i]
-                assert self.blocks[src].hash is None, "a block still being written was hashed"
-                self.blocks[src].ref_count -= 1  # stays >= 1: another sequence still holds it
-                seq.block_table[i] = dst = self._allocate_free_block()
+                seq.block_table[i] = dst = self._allocate_free_block()  # before freeing src: dst != src
+                self._unref(src)  # a cached src that drops to 0 stays in the cache, as a free block
                 if i * self.block_size < seq.data.num_computed_tokens:
                     copies.append((src, dst))
         num_new = self.num_required_blocks(seq.get_len()) - len(seq.block_table)
@@ -275,5 +284,6 @@ class BlockManager:
         """Indices of existing table entries the next step writes into (from num_computed_tokens)."""
         return range(seq.data.num_computed_tokens // self.block_size, len(seq.block_table))
 
-    def _is_shared(self, seq: Sequence, index: int) -> bool:
-        return self.blocks[seq.block_table[index]].ref_count > 1
+    def _is_writable(self, seq: Sequence, index: int) -> bool:
+        block = self.blocks[seq.block_table[index]]
+        return block.ref_count == 1 and block.hash is None

@@ -3,6 +3,7 @@
 from m2_kvcache.layers.activation import SiluAndMul
 from m2_kvcache.layers.attention import Attention, AttentionBackend
 from m2_kvcache.layers.embedding import LMHead, VocabEmbedding
+from m2_kvcache.layers.fused_moe import FusedMoE, select_experts
 from m2_kvcache.layers.layer_set import ModelLayers
 from m2_kvcache.layers.layernorm import RMSNorm
 from m2_kvcache.layers.linear import (
@@ -20,6 +21,7 @@ __all__ = [
     "Attention",
     "AttentionBackend",
     "ColumnLinear",
+    "FusedMoE",
     "LMHead",
     "LinearBase",
     "MergedColumnLinear",
@@ -34,4 +36,5 @@ __all__ = [
     "default_weight_loader",
     "get_rope",
     "rope_config",
+    "select_experts",
 ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from m2_kvcache.layers.embedding import LMHead, VocabEmbedding
+from m2_kvcache.layers.fused_moe.layer import FusedMoE
 from m2_kvcache.layers.linear import MergedColumnLinear, QKVLinear, RowLinear
 
 
@@ -27,6 +28,8 @@ class ModelLayers:
     - row_linear(input_size, output_size, bias)
     - embedding(num_embeddings, embedding_dim)
     - lm_head(num_embeddings, embedding_dim, bias) -> has tie_weights(embedding); returns full-vocab logits
+    - fused_moe(num_experts, top_k, hidden_size, intermediate_size, renormalize) -> the experts of an
+      MoE layer, forward(hidden_states, router_logits) (m5 would split intermediate_size)
     """
 
     qkv_linear: Callable[..., nn.Module] = QKVLinear
@@ -34,3 +37,4 @@ class ModelLayers:
     row_linear: Callable[..., nn.Module] = RowLinear
     embedding: Callable[..., nn.Module] = VocabEmbedding
     lm_head: Callable[..., nn.Module] = LMHead
+    fused_moe: Callable[..., nn.Module] = FusedMoE

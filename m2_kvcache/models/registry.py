@@ -7,11 +7,13 @@ from torch import nn
 from m2_kvcache.models.llama import LlamaForCausalLM
 from m2_kvcache.models.qwen2 import Qwen2ForCausalLM
 from m2_kvcache.models.qwen3 import Qwen3ForCausalLM
+from m2_kvcache.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -345,6 +345,38 @@ def test_fork_at_block_boundary_needs_no_copy():
     assert refs(bm, parent.block_table) == [2, 2, 1]
 
 
+def test_fork_that_recomputes_its_last_prompt_token_copies_the_cached_block():
+    """A child forked after the prompt, rewound to recompute the last prompt token (the scheduler's
+    way of giving each fork its own first sample): the full, cached last block is copied, never
+    written; the parent keeps the cached original."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    parent = make_seq(range(8), 0)
+    bm.allocate(parent)
+    compute_all(bm, parent)
+    child = make_seq(range(8), 1)
+    bm.fork(parent, child)
+    child.data.num_computed_tokens = 7
+    first, last = parent.block_table
+    assert bm.blocks[last].ref_count == 2 and bm.blocks[last].hash is not None
+    assert bm.can_append(child)
+    copies = bm.may_append(child)
+    assert copies == [(last, child.block_table[1])] and child.block_table[0] == first
+    assert refs(bm, [first, last, child.block_table[1]]) == [2, 1, 1]
+    assert bm.blocks[child.block_table[1]].hash is None and bm.blocks[last].hash is not None
+
+
+def test_rewind_into_a_private_cached_block_copies_it_and_keeps_the_original_cached():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    seq = make_seq([1, 2, 3, 4])
+    bm.allocate(seq)
+    compute_all(bm, seq)
+    old = seq.block_table[1]
+    seq.data.num_computed_tokens = 3
+    assert bm.may_append(seq) == [(old, seq.block_table[1])]
+    assert bm.blocks[old].ref_count == 0 and old in bm.free_block_ids
+    assert bm.hash_to_block_id[bm.blocks[old].hash] == old  # still a cache entry, revivable
+
+
 def test_chunked_prefill_hashes_only_computed_full_blocks():
     bm = BlockManager(num_blocks=12, block_size=4)
     prompt = list(range(10))

@@ -36,7 +36,11 @@ def reference_hash(prefix: tuple[int, ...], block_size: int) -> int:
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
-    @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(1, 14), caching=st.booleans())
+    @initialize(
+        block_size=st.sampled_from([1, 2, 4]),
+        num_blocks=st.integers(1, 14),
+        caching=st.sampled_from([True, True, False]),
+    )
     def setup(self, block_size, num_blocks, caching):
         self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
         self.waiting: list[Sequence] = []
@@ -145,19 +149,31 @@ class BlockManagerMachine(RuleBasedStateMachine):
             event("decode: preempted, no free block")
             self.preempt_seq(seq)
             return
-        copies = bm.may_append(seq)
-        if copies:
-            event("decode: copy-on-write")
-        for src, dst in copies:  # the model runner's copy-on-write
-            for offset in range(size):
-                if src * size + offset in self.kv:
-                    self.kv[dst * size + offset] = self.kv[src * size + offset]
+        self.apply_copies(bm.may_append(seq))
 
     def fork(self, data):
+        """Fork a fully computed sequence; sometimes rewind the child by one token, as a scheduler
+        does to recompute the last prompt token, which needs `may_append` (and maybe a copy)."""
         parent = data.draw(st.sampled_from(self.decodable()))
         child = parent.fork(self.new_seq_id())
         self.bm.fork(parent, child)
         self.running.append(child)
+        if data.draw(st.booleans()):
+            child.data.num_computed_tokens -= 1
+            if self.bm.can_append(child):
+                self.apply_copies(self.bm.may_append(child))
+            else:
+                self.preempt_seq(child)
+
+    def apply_copies(self, copies: list[tuple[int, int]]) -> None:
+        """The model runner's copy-on-write, on the fake KV cache."""
+        if copies:
+            event("copy-on-write")
+        size = self.bm.block_size
+        for src, dst in copies:
+            for offset in range(size):
+                if src * size + offset in self.kv:
+                    self.kv[dst * size + offset] = self.kv[src * size + offset]
 
     def free(self, data):
         """Finish a sequence, or preempt it by recompute (back to waiting, blocks freed)."""

@@ -181,7 +181,14 @@ def test_gpu_engine_equals_m2_and_torch_backend(toy_arch_dir):
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     m2 = _tokens(m2_kvcache.LLM(toy_arch_dir, **kw).generate(PROMPTS, params, use_tqdm=False))
     for backend in ("triton", "torch"):
-        llm = LLM(toy_arch_dir, block_size=16, attention_backend=backend, max_num_batched_tokens=32, **kw)
+        llm = LLM(
+            toy_arch_dir,
+            block_size=16,
+            attention_backend=backend,
+            max_num_batched_tokens=32,
+            max_num_seqs=8,
+            **kw,
+        )
         assert llm.llm_engine.model_runner.attn_backend.name == backend
         assert _tokens(llm.generate(PROMPTS, params, use_tqdm=False)) == m2
 
