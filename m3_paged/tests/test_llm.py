@@ -20,6 +20,7 @@ PROMPTS = [
     "a cache block page attention query key value batch step prefill decode schedule sequence",
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+GPU_KV_BYTES = 1 << 28  # GPU tests build several engines in one process: each gets a fixed budget
 
 
 def _tokens(outs):
@@ -179,6 +180,7 @@ def test_gpu_engine_equals_m2_and_torch_backend(toy_arch_dir):
     """float32 on CUDA: m3 with the Triton kernels equals m3 with the torch path and m2."""
     kw = dict(device="cuda", dtype="float32")
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    budget = dict(kv_cache_memory_bytes=GPU_KV_BYTES)  # several engines share the GPU in one process
     m2 = _tokens(m2_kvcache.LLM(toy_arch_dir, **kw).generate(PROMPTS, params, use_tqdm=False))
     for backend in ("triton", "torch"):
         llm = LLM(
@@ -195,7 +197,7 @@ def test_gpu_engine_equals_m2_and_torch_backend(toy_arch_dir):
 
 @pytest.mark.gpu
 def test_gpu_preemption_and_prefix_cache(qwen3_dir):
-    kw = dict(device="cuda", dtype="float32", block_size=16)
+    kw = dict(device="cuda", dtype="float32", block_size=16, kv_cache_memory_bytes=GPU_KV_BYTES)
     m2_greedy = _tokens(
         m2_kvcache.LLM(qwen3_dir, device="cuda", dtype="float32").generate(PROMPTS, GREEDY, use_tqdm=False)
     )

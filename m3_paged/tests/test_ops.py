@@ -155,13 +155,13 @@ def make_store_inputs(num_tokens, num_kv_heads, head_dim, block_size, dtype, slo
     gen = torch.Generator().manual_seed(seed)
     num_blocks = -(-num_tokens // block_size) + 2
     kv_size = num_kv_heads * head_dim
-    qkv = torch.randn(num_tokens, 3 * kv_size, generator=gen).to(dtype)
+    qkv = torch.randn(num_tokens, 3 * kv_size, generator=gen).to(dtype).to(device)  # views made on the device
     key = qkv[:, kv_size : 2 * kv_size].view(num_tokens, num_kv_heads, head_dim)
     value = qkv[:, 2 * kv_size :].view(num_tokens, num_kv_heads, head_dim)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     slots[::3] = -1
     cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
-    return key.to(device), value.to(device), cache.to(device), slots.to(slot_dtype).to(device)
+    return key, value, cache.to(device), slots.to(slot_dtype).to(device)
 
 
 def check_store(num_tokens, num_kv_heads, head_dim, block_size, dtype, slot_dtype, device) -> None:

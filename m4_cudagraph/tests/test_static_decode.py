@@ -41,6 +41,7 @@ def test_static_decode_with_sampling_and_forks(qwen3_dir):
 
 
 def _gpu_pair(model_dir, **kwargs):
+    kwargs.setdefault("kv_cache_memory_bytes", 1 << 28)  # two engines share the GPU
     graph = LLM(model_dir, device="cuda", **kwargs)
     eager = LLM(model_dir, device="cuda", enforce_eager=True, **kwargs)
     return graph, eager
