@@ -189,6 +189,7 @@ def test_gpu_engine_equals_m2_and_torch_backend(toy_arch_dir):
             attention_backend=backend,
             max_num_batched_tokens=32,
             max_num_seqs=8,
+            **budget,
             **kw,
         )
         assert llm.llm_engine.model_runner.attn_backend.name == backend
