@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--llm-kwargs", default="{}", help='extra LLM(...) arguments as JSON, e.g. {"max_num_seqs": 64}'
     )
     args = p.parse_args(argv)
-    model = args.model or toy_checkpoint("qwen3", **({"preset": args.preset} if args.preset else {}))
+    # Real shapes are written in bfloat16 (half the bytes); the tiny toy stays float32.
+    preset = {"preset": args.preset, "dtype": "bfloat16"} if args.preset else {}
+    model = args.model or toy_checkpoint("qwen3", **preset)
     from transformers import AutoConfig
 
     prompts, params = make_workload(args.scale, AutoConfig.from_pretrained(model).vocab_size)

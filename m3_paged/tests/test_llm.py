@@ -205,7 +205,7 @@ def test_gpu_preemption_and_prefix_cache(qwen3_dir):
     tight = LLM(qwen3_dir, num_gpu_blocks_override=6, max_num_seqs=6, **kw)
     assert _tokens(tight.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
     assert tight.llm_engine.scheduler.num_preemptions > 0
-    cached = LLM(qwen3_dir, **kw)
+    cached = LLM(qwen3_dir, **{**kw, "block_size": 4})  # the toy prompts are shorter than 16 tokens
     cached.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert _tokens(cached.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
     assert cached.llm_engine.scheduler.block_manager.stats.hits > 0
