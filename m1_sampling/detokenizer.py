@@ -159,6 +159,26 @@ class Detokenizer:
         seq.output_text += step.new_text
         return len(step.new_text)
 
+    def decode_all(self, seq: Sequence, params: SamplingParams, drop_last: bool = False) -> str:
+        """The text `decode_sequence_inplace` builds token by token, in one pass at the end (the
+        engine uses it when no stop string or logprob needs the text during generation).
+
+        Same context (the prompt's last tokens) and the same hold-back rule: the incremental decoder
+        emits nothing for a step whose text ends in an unfinished character, so the result is the
+        decode of the longest prefix of the output that does not end mid-character (normally all
+        of it). `drop_last` leaves out a final stop token whose text the stop checker would cut."""
+        ids = seq.data.output_token_ids[:-1] if drop_last else seq.data.output_token_ids
+        context, prefix_offset, read_offset = self.convert_prompt_ids_to_tokens(
+            list(seq.data.prompt_token_ids), params.skip_special_tokens
+        )
+        prefix_text = self.convert_tokens_to_string(context[prefix_offset:read_offset], params)
+        for end in range(len(ids), 0, -1):
+            tokens = context + self.convert_ids_to_tokens(ids[:end], params.skip_special_tokens)
+            full = self.convert_tokens_to_string(tokens[prefix_offset:], params)
+            if not full.endswith(REPLACEMENT_CHAR):
+                return full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
+        return ""
+
     def _decode_logprobs(
         self, seq: Sequence, previous_ids: list[int], logprobs: dict, params: SamplingParams
     ) -> None:

@@ -30,6 +30,11 @@ def make_generator(seed: int, index: int, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed(derived)
 
 
+def needs_text_each_step(sp: SamplingParams) -> bool:
+    """Stop strings are searched in the text, and logprobs carry each candidate's text."""
+    return bool(sp.stop) or sp.logprobs is not None
+
+
 class LLMEngine:
     scheduler_cls = Scheduler
     model_runner_cls = ModelRunner
@@ -110,7 +115,9 @@ class LLMEngine:
                 entry = {tok: Logprob(lp, rank=r + 1) for r, (tok, lp) in enumerate(top)}
                 entry[token_ids[i]] = Logprob(logprobs[i], rank=ranks[i])
             seq.append_token_id(token_ids[i], logprobs[i], entry)
-            new_chars = self.detokenizer.decode_sequence_inplace(seq, sp)
+            # Text is needed during generation only to find stop strings or name logprob tokens;
+            # otherwise it is decoded once when the request finishes (see _completion).
+            new_chars = self.detokenizer.decode_sequence_inplace(seq, sp) if needs_text_each_step(sp) else 0
             self.stop_checker.maybe_stop_sequence(seq, new_chars, sp)
 
     # ---- outputs -------------------------------------------------------------------------------
@@ -125,11 +132,19 @@ class LLMEngine:
             self.generators.pop(seq.seq_id, None)
         return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), outputs, finished=True)
 
-    @staticmethod
-    def _completion(index: int, seq: Sequence, sp: SamplingParams) -> CompletionOutput:
+    def _completion(self, index: int, seq: Sequence, sp: SamplingParams) -> CompletionOutput:
+        text = seq.output_text
+        if not needs_text_each_step(sp):
+            # A stop token's text is left out, as the stop checker does during incremental decoding.
+            stopped_on_token = seq.status == SequenceStatus.FINISHED_STOPPED and not isinstance(
+                seq.stop_reason, str
+            )
+            text = self.detokenizer.decode_all(
+                seq, sp, drop_last=stopped_on_token and not sp.include_stop_str_in_output
+            )
         return CompletionOutput(
             index=index,
-            text=seq.output_text,
+            text=text,
             token_ids=list(seq.data.output_token_ids),
             cumulative_logprob=seq.cumulative_logprob,
             logprobs=seq.output_logprobs if sp.logprobs is not None else None,

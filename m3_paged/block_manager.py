@@ -83,9 +83,8 @@ class PrefixCacheStats:
 
 class BlockManager:
     """A pool of `num_blocks` KV-cache blocks of `block_size` tokens; see the module docstring for
-    the call contract. Besides `seq.block_table` it writes two fields of each sequence it
-    allocates: `seq.num_cached_tokens` (an attribute it adds to the Sequence object) and
-    `seq.data.num_computed_tokens`.
+    the call contract. Besides `seq.block_table` it writes two more fields of the sequences it
+    allocates and frees: `seq.num_cached_tokens` and `seq.data.num_computed_tokens`.
 
     Public state, read-only for everyone else: `blocks[block_id]` (a `Block`), `hash_to_block_id`
     (prefix-cache index: hash -> block id) and `free_block_ids` (the free queue, front first).
@@ -130,10 +129,7 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether `allocate(seq)` would succeed now. Hits on blocks in use cost nothing; hits on
         free cached blocks and misses each take one free block."""
-        hits = self._find_cached_blocks(seq.get_token_ids())
-        num_revived = len({b for b in hits if self.blocks[b].ref_count == 0})
-        num_new = self.num_required_blocks(seq.get_len()) - len(hits)
-        return num_new + num_revived <= self.get_num_free_blocks()
+        return self._fits(seq, self._find_cached_blocks(seq.get_token_ids()))
 
     def allocate(self, seq: Sequence) -> None:
         """Give a sequence with an empty block table blocks for all its tokens (prefix hits first,
@@ -143,9 +139,9 @@ class BlockManager:
             raise ValueError(f"seq {seq.seq_id} already has blocks {seq.block_table}")
         if seq.get_len() == 0:
             raise ValueError(f"seq {seq.seq_id} has no tokens")
-        if not self.can_allocate(seq):
-            raise RuntimeError(f"not enough free blocks to allocate seq {seq.seq_id}")
         hits = self._find_cached_blocks(seq.get_token_ids())
+        if not self._fits(seq, hits):
+            raise RuntimeError(f"not enough free blocks to allocate seq {seq.seq_id}")
         for block_id in hits:  # revive before taking fresh blocks, so that no hit is evicted
             self._ref(block_id)
         num_new = self.num_required_blocks(seq.get_len()) - len(hits)
@@ -156,6 +152,11 @@ class BlockManager:
             self.stats.requests += 1
             self.stats.queries += seq.get_len()
             self.stats.hits += seq.num_cached_tokens
+
+    def _fits(self, seq: Sequence, hits: list[int]) -> bool:
+        num_revived = len({b for b in hits if self.blocks[b].ref_count == 0})
+        num_new = self.num_required_blocks(seq.get_len()) - len(hits)
+        return num_new + num_revived <= self.get_num_free_blocks()
 
     def deallocate(self, seq: Sequence) -> None:
         """Drop the sequence's references, last block first (freed blocks join the queue in that

@@ -93,6 +93,10 @@ class ModelRunner(SlotModelRunner):
             hidden = self.model(input_ids, md.positions, md)
             self.model.compute_logits(hidden[md.last_token_indices])
             torch.cuda.synchronize(self.device)
+            del hidden
+            # Hand the activations' memory back to the driver: otherwise it counts once as "used"
+            # (reserved by PyTorch's caching allocator) and once more as this process's peak.
+            torch.cuda.empty_cache()
         finally:
             for layer in layers:
                 layer.backend = self.attn_backend

@@ -78,23 +78,29 @@ class Scheduler(StaticScheduler):
         return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        bm = self.block_manager
         while self.waiting and budget > 0:
             req = self.waiting[0]
             if self._can_never_run(req):
                 continue
-            seqs = self._seqs_to_allocate(req)
-            if self._num_live_seqs() + len(req.get_seqs()) - self._num_finished(req) > self.max_num_seqs:
+            seqs, pending = self._seqs_to_allocate(req)
+            if self._num_live_seqs() + len(seqs) + len(pending) > self.max_num_seqs:
                 break
-            if not all(bm.can_allocate(s) for s in seqs) or not self._fits_in_pool(seqs):
+            if (
+                not self.enable_chunked_prefill
+                and sum(s.get_len() for s in seqs) > budget
+                and not out.is_empty
+            ):
                 break
-            remaining = [s.get_len() for s in seqs]  # tokens still to compute, before allocation
-            if not self.enable_chunked_prefill and sum(remaining) > budget and not out.is_empty:
+            if not self._allocate_all(seqs):
+                if not self.running:  # alone with an empty pool and still too big: never fits
+                    self._finish_unfittable(req)
+                    continue
                 break
             self.waiting.popleft()
             self.running.append(req)
+            if pending:
+                self.pending_forks[seqs[-1].seq_id] = pending
             for seq in seqs:
-                bm.allocate(seq)
                 seq.status, seq.is_prefill = SequenceStatus.RUNNING, True
                 num_new = min(seq.get_len() - seq.data.num_computed_tokens, budget)
                 if num_new > 0:
@@ -103,18 +109,36 @@ class Scheduler(StaticScheduler):
             if budget == 0:
                 break
 
-    def _fits_in_pool(self, seqs: list[Sequence]) -> bool:
-        need = sum(self.block_manager.num_required_blocks(s.get_len()) for s in seqs)
-        return need <= self.block_manager.get_num_free_blocks() or len(seqs) == 1
+    def _allocate_all(self, seqs: list[Sequence]) -> bool:
+        """Allocate every sequence or none: one by one (a later one may hit blocks an earlier one
+        revived), rolling back when the pool runs out."""
+        done = []
+        for seq in seqs:
+            if not self.block_manager.can_allocate(seq):
+                for s in reversed(done):
+                    self.block_manager.deallocate(s)
+                return False
+            self.block_manager.allocate(seq)
+            done.append(seq)
+        return True
 
-    def _seqs_to_allocate(self, req: Request) -> list[Sequence]:
-        """The sequences that get blocks now. Unstarted candidates (no output yet) are identical:
-        the first is prefilled, the rest wait as `pending_forks` of it."""
+    def _seqs_to_allocate(self, req: Request) -> tuple[list[Sequence], list[Sequence]]:
+        """(sequences that get blocks now, sequences that will fork from the last of them).
+        Unstarted candidates (no output yet) are identical: the first is prefilled, the rest wait
+        to be forked from it once its prompt is computed."""
         live = [s for s in req.get_seqs() if not s.is_finished()]
         fresh = [s for s in live if s.get_output_len() == 0]
-        if len(fresh) > 1:
-            self.pending_forks[fresh[0].seq_id] = fresh[1:]
-        return [s for s in live if s.get_output_len() > 0] + fresh[:1]
+        started = [s for s in live if s.get_output_len() > 0]
+        return started + fresh[:1], fresh[1:]
+
+    def _finish_unfittable(self, req: Request) -> None:
+        logger.warning(
+            "request %s: its %d sequences need more KV blocks than the whole cache (%d) holds; "
+            "finished as 'length' with the tokens it has",
+            req.request_id, req.num_seqs(), self.block_manager.num_blocks,
+        )  # fmt: skip
+        self.waiting.popleft()
+        self._finish_request(req, SequenceStatus.FINISHED_LENGTH_CAPPED)
 
     def _can_never_run(self, req: Request) -> bool:
         """A request that could not run even alone in an empty cache is finished, not looped on."""
@@ -134,10 +158,6 @@ class Scheduler(StaticScheduler):
 
     def _num_live_seqs(self) -> int:
         return sum(1 for r in self.running for s in r.seqs if not s.is_finished())
-
-    @staticmethod
-    def _num_finished(req: Request) -> int:
-        return sum(1 for s in req.seqs if s.is_finished())
 
     def _add(self, out: SchedulerOutput, seq: Sequence, num_new: int, req: Request) -> None:
         # Only the step that computes the last uncomputed token samples; earlier chunks do not.
@@ -187,6 +207,8 @@ class Scheduler(StaticScheduler):
         last prompt token (so each samples its own first token from the same logits)."""
         for parent_id in list(self.pending_forks):
             req = next((r for r in self.running if any(s.seq_id == parent_id for s in r.seqs)), None)
+            if req is None:  # preempted or finished meanwhile: its forks are re-planned on admission
+                continue
             parent = next(s for s in req.seqs if s.seq_id == parent_id)
             if parent.data.num_computed_tokens < parent.get_prompt_len():
                 continue

@@ -100,7 +100,10 @@ class ModelRunner(PagedModelRunner):
         self.copy_blocks(so.block_copies)
         host = host_decode_inputs(so.seqs, bucket, self.block_size, self.buffers.max_blocks_per_seq)
         for name, tensor in host.items():
-            getattr(self.buffers, name)[:bucket].copy_(tensor, non_blocking=True)
+            target = getattr(self.buffers, name)
+            # block_tables: only the columns this batch uses are refreshed
+            target = target[:bucket, : tensor.shape[1]] if tensor.dim() == 2 else target[:bucket]
+            target.copy_(tensor, non_blocking=True)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             logits = self.graph_logits[bucket]

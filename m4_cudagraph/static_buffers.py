@@ -46,26 +46,25 @@ class DecodeBuffers:
 
 def host_decode_inputs(seqs, bucket: int, block_size: int, max_blocks: int) -> dict[str, torch.Tensor]:
     """CPU tensors of one decode step padded to `bucket` rows: the sequences' last tokens, their
-    positions, the slot each new token goes to, context lengths and block tables."""
+    positions, the slot each new token goes to, context lengths, and block tables only as wide as
+    this batch needs (columns past a row's length are never read, so stale values there are fine).
+    Built from flat Python lists with one tensor per field: this runs every decode step."""
     bs = len(seqs)
     if bs > bucket:
         raise ValueError(f"{bs} sequences do not fit a bucket of {bucket}")
-    input_ids = torch.zeros(bucket, dtype=torch.long)
-    positions = torch.zeros(bucket, dtype=torch.long)
-    slot_mapping = torch.full((bucket,), -1, dtype=torch.long)  # padding rows write nowhere
-    seq_lens = torch.ones(bucket, dtype=torch.int32)  # padding rows see one dummy key
-    block_tables = torch.zeros((bucket, max_blocks), dtype=torch.int32)
-    for i, seq in enumerate(seqs):
-        pos = seq.get_len() - 1  # decode feeds the last token, whose K/V is not cached yet
-        if len(seq.block_table) > max_blocks:
-            raise ValueError(f"seq {seq.seq_id} has {len(seq.block_table)} blocks; graphs hold {max_blocks}")
-        input_ids[i], positions[i], seq_lens[i] = seq.get_last_token_id(), pos, pos + 1
-        slot_mapping[i] = seq.block_table[pos // block_size] * block_size + pos % block_size
-        block_tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+    tables = [seq.block_table for seq in seqs]
+    width = max(len(t) for t in tables)
+    if width > max_blocks:
+        worst = max(seqs, key=lambda s: len(s.block_table))
+        raise ValueError(f"seq {worst.seq_id} has {width} blocks; graphs hold {max_blocks}")
+    pad = bucket - bs
+    positions = [seq.get_len() - 1 for seq in seqs]  # decode feeds the last token, not cached yet
+    slots = [t[p // block_size] * block_size + p % block_size for t, p in zip(tables, positions)]
+    flat_tables = [b for t in tables for b in (*t, *[0] * (width - len(t)))] + [0] * (pad * width)
     return dict(
-        input_ids=input_ids,
-        positions=positions,
-        slot_mapping=slot_mapping,
-        seq_lens=seq_lens,
-        block_tables=block_tables,
+        input_ids=torch.tensor([seq.get_last_token_id() for seq in seqs] + [0] * pad),
+        positions=torch.tensor(positions + [0] * pad),
+        slot_mapping=torch.tensor(slots + [-1] * pad),  # padding rows write nowhere
+        seq_lens=torch.tensor([p + 1 for p in positions] + [1] * pad, dtype=torch.int32),  # one dummy key
+        block_tables=torch.tensor(flat_tables, dtype=torch.int32).view(bucket, width),
     )

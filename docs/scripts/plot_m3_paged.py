@@ -7,9 +7,9 @@ and a small token budget, so that prefix hits, chunked prefill and preemption al
 every step the script records the state of every physical block (who holds it, whether it is a
 free block that still caches a prefix), what the step computed, and `LLMEngine.kv_cache_usage()`.
 The same requests also go through m2's engine, to compare its reserved slots with m3's blocks.
-The only additions to the engines are scheduler subclasses that keep what `schedule` returned
-and take a snapshot after `update_from_output` (plugged in through `scheduler_cls`); nothing of the
-engines is reimplemented here.
+The only addition to the engines is an m3 scheduler subclass that keeps what `schedule` returned
+and takes a snapshot after `update_from_output` (plugged in through `scheduler_cls`); nothing of
+the engines is reimplemented here.
 """
 
 from __future__ import annotations
@@ -94,10 +94,6 @@ class RecordingEngine(LLMEngine):
     scheduler_cls = RecordingScheduler
 
 
-class M2RecordingEngine(m2_kvcache.llm_engine.LLMEngine):
-    pass
-
-
 def workload(num_requests: int, seed: int) -> list[tuple[list[int], int]]:
     """(prompt, max_tokens): a 20-token shared prefix, then 3-16 tokens of the request's own."""
     rng = random.Random(seed)
@@ -139,7 +135,7 @@ def run_m2(reqs, max_num_seqs: int, max_model_len: int):
         enable_chunked_prefill=False,
         device="cpu",
     )
-    engine = M2RecordingEngine(config)
+    engine = m2_kvcache.llm_engine.LLMEngine(config)
     for i, (prompt, max_tokens) in enumerate(reqs):
         engine.add_request(
             f"r{i}", None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)

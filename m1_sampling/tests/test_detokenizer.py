@@ -200,3 +200,50 @@ def test_first_token_after_a_prompt_of_one_token(tokenizer, detok):
     seq = Sequence(0, None, tokenizer.encode("a")[:1])
     feed(detok, seq, tokenizer.encode("日本"), SamplingParams())
     assert seq.output_text == "日本"
+
+
+# ---- decode_all: the one-pass text the engine builds when nothing needs it during generation -----
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_all_equals_hf_decode_on_any_ids(qwen3_dir, skip_special_tokens):
+    """On any id stream (invalid UTF-8 included) it is HF's decode of the longest prefix of the
+    output whose text does not end in an unfinished character."""
+    tok = load_tokenizer(qwen3_dir)
+    detok = Detokenizer(tok)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    rng = random.Random(0)
+    prompts = [tok(t).input_ids for t in ("Hello, my name is", "你好", "a cache block")]
+    for i in range(150):
+        # A prompt of real text ends on a character boundary, so the output's bytes stand alone.
+        seq = Sequence(0, None, prompts[i % 3])
+        for _ in range(rng.randint(1, 25)):
+            seq.append_token_id(rng.randrange(512))
+        ids = [t for t in seq.data.output_token_ids if t < len(tok)]
+        decodes = [
+            tok.decode(ids[:end], skip_special_tokens=skip_special_tokens) for end in range(len(ids), 0, -1)
+        ]
+        expected = next((d for d in decodes if not d.endswith(REPLACEMENT_CHAR)), "")
+        assert detok.decode_all(seq, params) == expected
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_all_equals_token_by_token_on_text(qwen3_dir, skip_special_tokens):
+    """On the token streams of real text (what a model emits), the one-pass text equals the
+    incremental text, and drop_last equals the incremental text before the last token."""
+    tok = load_tokenizer(qwen3_dir)
+    detok = Detokenizer(tok)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    texts = ["你好世界 🙂🚀 café naïve", "Hello, my name is vLLM.", "模型推理 cache 🚀 block<|im_end|> done"]
+    for text in texts:
+        ids = tok(text).input_ids
+        for cut in range(1, len(ids) + 1):
+            seq, before = Sequence(0, None, [5, 6]), Sequence(1, None, [5, 6])
+            for j, t in enumerate(ids[:cut]):
+                seq.append_token_id(t)
+                detok.decode_sequence_inplace(seq, params)
+                if j < cut - 1:
+                    before.append_token_id(t)
+                    detok.decode_sequence_inplace(before, params)
+            assert detok.decode_all(seq, params) == seq.output_text
+            assert detok.decode_all(seq, params, drop_last=True) == before.output_text

@@ -40,9 +40,8 @@ class PagedAttentionMetadata(AttentionMetadata):
             raise ValueError(f"need 1 <= query_len <= seq_len, got {query_lens} and {seq_lens}")
         cu, token_seq_ids, positions = varlen_layout(query_lens, seq_lens)
         width = max(len(t) for t in block_tables)
-        tables = torch.zeros((len(block_tables), width), dtype=torch.int32)
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        flat = [b for t in block_tables for b in (*t, *[0] * (width - len(t)))]  # one tensor, not one per row
+        tables = torch.tensor(flat, dtype=torch.int32).view(len(block_tables), width)
         # slot = block_table[seq][pos // block_size] * block_size + pos % block_size, for every new token
         blocks = tables[token_seq_ids, positions // block_size].long()
         slot_mapping = blocks * block_size + positions % block_size

@@ -209,3 +209,24 @@ def test_gpu_preemption_and_prefix_cache(qwen3_dir):
     cached.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert _tokens(cached.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
     assert cached.llm_engine.scheduler.block_manager.stats.hits > 0
+
+
+def test_held_back_fork_request_does_not_crash(qwen3_dir):
+    """A request with n > 1 that must wait (max_num_seqs) plans its forks only once admitted."""
+    llm = LLM(qwen3_dir, block_size=4, max_num_seqs=2)
+    params = [
+        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+        SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=3),
+    ]
+    outs = llm.generate([[5, 6, 7, 8, 9], [10, 11, 12]], params, use_tqdm=False)
+    assert len(outs[0].outputs[0].token_ids) == 5 and [len(o.token_ids) for o in outs[1].outputs] == [3, 3]
+
+
+def test_fork_request_larger_than_the_pool_finishes(qwen3_dir):
+    """n=3 sequences that cannot all live in 9 blocks once they diverge: after preempting itself
+    the request is finished with what it has, never looped on."""
+    llm = LLM(qwen3_dir, block_size=4, num_gpu_blocks_override=9)
+    sp = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=12, ignore_eos=True)
+    out = llm.generate([list(range(10, 20))], sp, use_tqdm=False)[0]
+    assert all(o.finish_reason == "length" for o in out.outputs)
+    assert llm.llm_engine.scheduler.block_manager.get_num_free_blocks() == 9

@@ -45,12 +45,13 @@ def test_host_inputs_pad_rows_to_a_dummy_slot():
     block_size = 4
     a = _seq(0, [1, 2, 3, 4, 5, 6], [7, 2])  # last token at position 5: block 2, offset 1 -> slot 9
     b = _seq(1, [9, 8, 7], [5])  # position 2 in block 5 -> slot 22
-    host = host_decode_inputs([a, b], bucket=4, block_size=block_size, max_blocks=3)
+    host = host_decode_inputs([a, b], bucket=4, block_size=block_size, max_blocks=8)
     assert host["input_ids"].tolist() == [6, 7, 0, 0]
     assert host["positions"].tolist() == [5, 2, 0, 0]
     assert host["slot_mapping"].tolist() == [9, 22, -1, -1]  # padding rows write nowhere
     assert host["seq_lens"].tolist() == [6, 3, 1, 1]  # padding rows see one dummy key
-    assert host["block_tables"].tolist() == [[7, 2, 0], [5, 0, 0], [0, 0, 0], [0, 0, 0]]
+    # as wide as the widest table in the batch, not max_blocks
+    assert host["block_tables"].tolist() == [[7, 2], [5, 0], [0, 0], [0, 0]]
 
 
 def test_host_inputs_reject_overflow():
