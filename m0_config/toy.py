@@ -2,8 +2,8 @@
 
 `write_toy_checkpoint(path, arch)` writes config.json, model.safetensors, a byte-level BPE
 tokenizer trained here with `tokenizers`, a chat template and generation_config.json, for the
-architectures qwen3, qwen2, llama and qwen3_moe. Nothing is downloaded. Tests, notebooks and the demo use
-`toy_checkpoint(arch)`, which writes once into a cache folder and reuses it.
+architectures qwen3, qwen2, llama and qwen3_moe. Nothing is downloaded. Tests, notebooks and the
+demo use `toy_checkpoint(arch)`, which writes once into a cache folder and reuses it.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ No transformers involved: the checkpoint's tensors are read one at a time with s
 and handed to the owning layer's `weight_loader`, which copies it into place (and, in m5, keeps only
 its rank's slice). Names map to parameters through the model's `packed_modules_mapping` (q/k/v into
 qkv_proj, gate/up into gate_up_proj) and, for a mixture-of-experts model, its `expert_params_mapping`
-(each expert's gate/up/down tensor into the stacked expert weights, shard id (expert, shard)). The checks make a broken checkpoint fail loudly instead of running with garbage:
-every parameter must be filled exactly once, and every checkpoint tensor must land somewhere.
+(each expert's gate/up/down tensor into the stacked expert weights, shard id (expert, shard)). The
+checks make a broken checkpoint fail loudly instead of running with garbage: every parameter must be
+filled exactly once (whole, or every one of its shards), and every checkpoint tensor must land
+somewhere.
 """
 
 from __future__ import annotations

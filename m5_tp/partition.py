@@ -65,7 +65,9 @@ def check_tensor_parallel(hf_config: Any, tp_size: int) -> None:
     if tp_size == 1:
         return
     if getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None):
-        raise ValueError("tensor parallelism of mixture-of-experts models is not built; use tensor_parallel_size=1")
+        raise ValueError(
+            "tensor parallelism of mixture-of-experts models is not built; use tensor_parallel_size=1"
+        )
     num_heads = hf_config.num_attention_heads
     divide(num_heads, tp_size, "num_attention_heads")
     kv_heads_per_rank(getattr(hf_config, "num_key_value_heads", None) or num_heads, tp_size)

@@ -151,7 +151,11 @@ def test_sampling_type_is_derived_not_an_argument():
         ({"beam_width": 0, "max_tokens": 4}, "beam_width", "an int >= 1"),
         ({"beam_width": 2.0, "max_tokens": 4}, "beam_width", "an int >= 1"),
         ({"beam_width": 2, "max_tokens": 0}, "max_tokens", "an int >= 1"),
-        ({"beam_width": 2, "max_tokens": 4, "temperature": 0.7}, "temperature", "0 for beam search (beams rank raw logprobs)"),
+        (
+            {"beam_width": 2, "max_tokens": 4, "temperature": 0.7},
+            "temperature",
+            "0 for beam search (beams rank raw logprobs)",
+        ),
     ],
 )
 def test_beam_search_params_errors(kwargs, field, allowed):

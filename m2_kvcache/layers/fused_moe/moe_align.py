@@ -34,7 +34,10 @@ def moe_align_block_size(
     flat = topk_ids.flatten()  # (num_slots,): the expert of every slot
     num_slots, device = flat.numel(), flat.device
     max_padded = max_num_tokens_padded(num_slots, num_experts, block_size)
-    counts = torch.bincount(flat, minlength=num_experts)  # (num_experts,)
+    # Not torch.bincount: its output size depends on the values, which costs a device->host sync.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )  # (num_experts,) slots per expert
     padded = (counts + block_size - 1) // block_size * block_size
     padded_end = torch.cumsum(padded, 0)  # where each expert's padded run ends
     order = torch.argsort(flat, stable=True)  # slots grouped by expert

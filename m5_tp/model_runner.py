@@ -1,0 +1,45 @@
+"""One rank's model runner: the previous milestone's runner on this rank's shard of the model.
+
+Three things change, all small:
+
+- the model is built from the tensor-parallel `ModelLayers`, so each rank loads only its slice of
+  every weight straight from the checkpoint;
+- a KV block holds only this rank's KV heads, so it is smaller, and more of them fit;
+- every rank must have the same number of blocks (the driver's block tables index every rank's
+  cache), so the ranks agree on the minimum.
+
+Everything else (inputs, attention metadata, copy-on-write, CUDA graphs) is inherited: the ranks
+run identical code on identical inputs, and the collectives inside the layers keep them in step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from m0_config.config import EngineConfig
+from m2_kvcache.attention.kv_cache import attention_layers
+from m2_kvcache.model_loader import load_model
+from m4_cudagraph.model_runner import ModelRunner as BaseModelRunner
+from m5_tp.layers import tensor_parallel_layers
+from m5_tp.parallel_state import TensorParallelGroup
+
+
+class ModelRunner(BaseModelRunner):
+    def __init__(self, config: EngineConfig, tp_group: TensorParallelGroup):
+        self.tp_group = tp_group
+        super().__init__(config)
+
+    def load_model(self) -> torch.nn.Module:
+        layers = tensor_parallel_layers(self.tp_group)
+        return load_model(self.config.model_config, attn_backend=self.attn_backend, layers=layers)
+
+    def block_bytes(self) -> int:
+        """2 (K and V) * layers * block_size * this rank's KV heads * head_dim * element size."""
+        layer = attention_layers(self.model)[0]
+        mc = self.config.model_config
+        elem = torch.tensor([], dtype=mc.torch_dtype).element_size()
+        return 2 * mc.num_layers * self.block_size * layer.num_kv_heads * layer.head_dim * elem
+
+    def determine_num_blocks(self) -> int:
+        """The smallest number of blocks any rank can hold (ranks may differ in free memory)."""
+        return self.tp_group.all_reduce_min(super().determine_num_blocks())
