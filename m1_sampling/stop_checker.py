@@ -50,7 +50,13 @@ class StopChecker:
         self.eos_token_ids = frozenset(eos_token_ids)
 
     def maybe_stop_sequence(self, seq: Sequence, new_char_count: int, params: SamplingParams) -> None:
-        """`new_char_count`: characters the detokenizer appended for the last token (one token per call)."""
+        """`new_char_count`: characters the detokenizer appended for the last token (one token per call).
+
+        The model-length cap comes first: min_tokens may hold back EOS and stops, never the cache
+        limit (a sequence past max_model_len would outgrow its KV blocks and CUDA-graph tables)."""
+        if seq.get_len() >= self.max_model_len:
+            seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+            return
         if seq.get_output_len() < params.min_tokens:
             return
         last_token_id = seq.get_last_token_id()
@@ -68,7 +74,7 @@ class StopChecker:
             seq.output_text = seq.output_text[:truncate_to]
             seq.status = SequenceStatus.FINISHED_STOPPED
             return
-        if seq.get_len() >= self.max_model_len or seq.get_output_len() == params.max_tokens:
+        if seq.get_output_len() == params.max_tokens:
             seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
 
     @staticmethod

@@ -32,10 +32,14 @@ class ModelRunner(PagedModelRunner):
             self.capture_sizes[-1], mc.max_model_len, self.block_size, self.device
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.graph_logits: dict[int, torch.Tensor] = {}  # bucket -> (bucket, vocab) output of its graph
+        self.graph_logits: torch.Tensor | None = None  # (max_bs, vocab): every graph writes its rows here
         self.graph_pool = None
         # Static (padded, fixed-address) decode: always with graphs; tests may turn it on on a CPU.
         self.use_static_decode = self.device.type == "cuda" and not config.enforce_eager
+        if self.use_static_decode and self.attn_backend.name == "torch":
+            # The torch path indexes with boolean masks (a host sync), which a capture forbids.
+            logger.info("attention_backend='torch' cannot be captured: decode runs eagerly")
+            self.use_static_decode = False
         if self.use_static_decode:
             self.capture_cudagraphs()
 
@@ -65,15 +69,20 @@ class ModelRunner(PagedModelRunner):
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:
-        """Largest bucket first, all graphs in one memory pool: later (smaller) graphs reuse the
-        memory of the first, so the pool costs about as much as the largest graph alone."""
+        """Largest bucket first, all graphs in one memory pool. Each graph copies its logits into
+        one shared (max_bs, vocab) buffer, so nothing a graph allocates outlives its capture and the
+        next (smaller) graph reuses that memory: the pool costs about as much as the largest graph."""
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
+        vocab = self.forward_decode_static(1).shape[-1]
+        self.graph_logits = torch.empty(
+            self.capture_sizes[-1], vocab, dtype=self.config.model_config.torch_dtype, device=self.device
+        )
         for bs in reversed(self.capture_sizes):
             self.forward_decode_static(bs)  # warm-up: Triton compiles, cuBLAS picks its kernels
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
-                self.graph_logits[bs] = self.forward_decode_static(bs)
+                self.graph_logits[:bs].copy_(self.forward_decode_static(bs))
             self.graph_pool = self.graph_pool or graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
@@ -106,7 +115,8 @@ class ModelRunner(PagedModelRunner):
             target.copy_(tensor, non_blocking=True)
         if bucket in self.graphs:
             self.graphs[bucket].replay()
-            logits = self.graph_logits[bucket]
+            logits = self.graph_logits[:bucket]
         else:  # static decode without a graph (CPU tests): the same padded computation, eagerly
             logits = self.forward_decode_static(bucket)
-        return logits[: len(so.seqs)].float()
+        # A copy: the shared graph buffer is overwritten by the next replay.
+        return logits[: len(so.seqs)].to(torch.float32, copy=True)

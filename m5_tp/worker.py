@@ -53,7 +53,7 @@ class Worker:
 
 
 def set_device(config: EngineConfig, local_rank: int) -> None:
-    """One GPU per rank of a machine; on a CPU, share the cores instead of oversubscribing them."""
+    """One GPU per rank of a machine: rank `local_rank` uses cuda:local_rank (nothing to do on a CPU)."""
     if config.model_config.device.type == "cuda":
         torch.cuda.set_device(local_rank)
         config.model_config.device = torch.device("cuda", local_rank)
@@ -70,7 +70,7 @@ def worker_main(config: EngineConfig, rank: int, world_size: int, store_path: st
         backend = config.parallel_config.distributed_backend
         group = init_tensor_parallel_group(store, rank, world_size, backend)
         Worker(config, group).run_loop()
-    except BaseException as e:  # noqa: BLE001 (report anything, even KeyboardInterrupt, then exit)
+    except BaseException as e:  # report anything, even KeyboardInterrupt, then exit
         # Bounded: a pipe holds ~64 KiB, and a driver that is gone never reads it.
         detail = "".join(traceback.format_exception(type(e), e, e.__traceback__))[-16000:]
         with contextlib.suppress(OSError):  # the driver may be gone already

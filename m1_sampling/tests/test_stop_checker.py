@@ -243,3 +243,16 @@ def test_running_sequence_is_left_alone(tokenizer, detok, eos_ids):
 )
 def test_check_stop_strings_window(text, new, stops, include, expected):
     assert check_stop_strings(text, new, stops, include) == expected
+
+
+def test_max_model_len_beats_min_tokens():
+    """min_tokens holds back EOS and stops, never the model-length cap."""
+    checker = StopChecker(max_model_len=8, eos_token_ids=[0])
+    seq = Sequence(0, None, [5, 6, 7, 8, 9, 10])
+    params = SamplingParams(min_tokens=5, max_tokens=10)
+    seq.append_token_id(11)
+    checker.maybe_stop_sequence(seq, 0, params)
+    assert not seq.is_finished()
+    seq.append_token_id(12)  # 8 tokens = max_model_len, although min_tokens wants 5 outputs
+    checker.maybe_stop_sequence(seq, 0, params)
+    assert seq.status == SequenceStatus.FINISHED_LENGTH_CAPPED

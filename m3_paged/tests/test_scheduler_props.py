@@ -38,7 +38,7 @@ from m3_paged.scheduler import Scheduler, SchedulerOutput
 pytestmark = pytest.mark.m3
 
 MAX_MODEL_LEN = 32  # small, so that a non-chunked token budget (>= max_model_len) stays small too
-MAX_PROMPT_LEN = 28  # prompt + max_tokens may cross MAX_MODEL_LEN: the length cap is exercised
+MAX_PROMPT_LEN = 30  # prompt + max_tokens may cross MAX_MODEL_LEN: the length cap is exercised
 TOKENS = st.integers(0, 2)  # a small alphabet, so that prefixes are shared by chance too
 EOS = 3  # the fake model emits it about once in 16 tokens
 MAX_STEPS = 2000  # liveness: every workload here finishes in a few hundred steps
@@ -68,10 +68,18 @@ class Workload:
 
 
 @st.composite
+def sized_lists(draw, elements, min_size: int, max_size: int) -> list:
+    """A list whose length is drawn uniformly: plain st.lists favours short lists, and short
+    workloads rarely fill a step's budget or the pool."""
+    size = draw(st.integers(min_size, max_size))
+    return draw(st.lists(elements, min_size=size, max_size=size))
+
+
+@st.composite
 def request_specs(draw, stems: list[list[int]]) -> RequestSpec:
     stem = draw(st.sampled_from(stems))
-    prefix = stem[: draw(st.integers(0, len(stem)))]
-    suffix = draw(st.lists(TOKENS, min_size=0 if prefix else 1, max_size=6))
+    prefix = stem[: draw(st.one_of(st.just(len(stem)), st.integers(0, len(stem))))]
+    suffix = draw(sized_lists(TOKENS, 0 if prefix else 1, 6))
     n = draw(st.integers(1, 3))
     best_of = draw(st.integers(n, 3))
     return RequestSpec(
@@ -80,27 +88,36 @@ def request_specs(draw, stems: list[list[int]]) -> RequestSpec:
         best_of=best_of,
         temperature=1.0 if best_of > 1 else draw(st.sampled_from([0.0, 1.0])),
         max_tokens=draw(st.integers(1, 12)),
-        arrival=draw(st.one_of(st.just(0), st.integers(0, 40))),
-        abort_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 60))),
+        arrival=draw(st.one_of(st.just(0), st.integers(0, 16))),
+        abort_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 24))),
     )
 
 
 @st.composite
 def workloads(draw) -> Workload:
     max_num_seqs = draw(st.integers(1, 8))
-    chunked = draw(st.booleans())
+    chunked = draw(st.sampled_from([True, False]))
     # EngineConfig's checks: budget >= max_num_seqs, and >= max_model_len without chunking.
-    low = max_num_seqs if chunked else max(max_num_seqs, MAX_MODEL_LEN)
-    budget = draw(st.one_of(st.integers(low, max(low, 8)), st.integers(low, 64)))  # small ones often
-    stems = draw(st.lists(st.lists(TOKENS, min_size=1, max_size=20), min_size=1, max_size=3))
+    min_budget = max_num_seqs if chunked else max(max_num_seqs, MAX_MODEL_LEN)
+    budget = draw(
+        st.one_of(st.integers(min_budget, max(min_budget, 8)), st.integers(min_budget, 64))
+    )  # small ones often
+    stems = draw(st.lists(sized_lists(TOKENS, 1, 24), min_size=1, max_size=3))
+    requests = tuple(draw(sized_lists(request_specs(stems), 1, 10)))
+    block_size = draw(st.sampled_from([4, 1, 2, 8]))  # the first is what shrinking aims at
+    # Pools from half to three times what the longest sequence needs alone: some sequences can
+    # never fit, forks and neighbours get preempted, and some pools are ample. (Uniform sizes in
+    # 4..40 would mostly be far too small or far too large to be interesting.)
+    need = max(-(-(len(r.prompt) + r.max_tokens) // block_size) for r in requests)
+    low = min(max(need // 2, 4), 40)
     return Workload(
-        block_size=draw(st.sampled_from([1, 2, 4, 8])),
-        num_blocks=draw(st.integers(4, 40)),
+        block_size=block_size,
+        num_blocks=draw(st.integers(low, min(max(low, 3 * need), 40))),
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget,
         enable_chunked_prefill=chunked,
-        enable_prefix_caching=draw(st.booleans()),
-        requests=tuple(draw(st.lists(request_specs(stems), min_size=1, max_size=10))),
+        enable_prefix_caching=draw(st.sampled_from([True, False])),
+        requests=requests,
     )
 
 
@@ -445,7 +462,7 @@ def model_config(toy_model_dir) -> ModelConfig:
 
 
 @settings(
-    max_examples=200,
+    max_examples=300,
     deadline=None,
     derandomize=True,  # a fixed seed: the same workloads on every run
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -220,14 +220,20 @@ def test_torchrun_two_processes(qwen3_dir):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
 @pytest.mark.parametrize("enforce_eager", [True, False])
-def test_gpu_tp2_equals_tp1(toy_model_dir, enforce_eager):
+def test_gpu_tp2_equals_tp1(toy_model_dir, arch, enforce_eager):
+    """Two GPUs (NCCL; with CUDA graphs unless enforce_eager) give one GPU's tokens, in float32."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 CUDA GPUs")
-    model_dir = toy_model_dir("qwen3")
-    kwargs = dict(device="cuda", dtype="float32", enforce_eager=enforce_eager)
+    model_dir = toy_model_dir(arch)
+    # A fixed KV budget: the one-GPU engine is still alive on cuda:0 when the TP engine starts.
+    kwargs = dict(
+        device="cuda", dtype="float32", enforce_eager=enforce_eager, kv_cache_memory_bytes=256 << 20
+    )
     prompts = [[(7 * i + j) % 400 + 5 for j in range(3 + i % 13)] for i in range(24)]
     params = [SamplingParams(temperature=0, max_tokens=30 + 5 * (i % 7), ignore_eos=True) for i in range(24)]
     expected = _tokens(m4_cudagraph.LLM(model_dir, **kwargs).generate(prompts, params, use_tqdm=False))
     with LLM(model_dir, tensor_parallel_size=2, **kwargs) as llm:
+        assert (llm.llm_engine.model_runner.driver_runner.graphs != {}) == (not enforce_eager)
         assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected

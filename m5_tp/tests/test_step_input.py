@@ -37,7 +37,7 @@ def _assert_same_inputs(runner, so, rebuilt) -> None:
 
 def test_rebuilt_inputs_equal_the_drivers(qwen3_dir):
     llm = m4_cudagraph.LLM(
-        qwen3_dir, block_size=4, max_num_batched_tokens=8, max_num_seqs=5, num_gpu_blocks_override=20
+        qwen3_dir, block_size=4, max_num_batched_tokens=8, max_num_seqs=6, num_gpu_blocks_override=16
     )
     runner = llm.llm_engine.model_runner
     execute, known, stats = runner.execute_model, {}, {"steps": 0, "reused": 0, "copies": 0}
@@ -67,3 +67,16 @@ def test_a_decode_step_sends_one_token_per_sequence(qwen3_dir):
     step = StepInput.from_scheduler_output(engine.scheduler.schedule())
     assert step.token_ids == [[engine.scheduler.running[0].seqs[0].get_last_token_id()]]
     assert step.num_computed_tokens == [40] and step.is_prefill == [False]
+
+
+def test_a_known_sequence_is_reused_only_when_it_just_grew():
+    from m0_config.sequence import Sequence
+
+    grown, stale = Sequence(1, None, [0] * 9 + [4]), Sequence(2, None, [0] * 5)
+    known = {1: grown, 2: stale, 3: Sequence(3, None, [7])}
+    step = StepInput([1, 2], [10, 10], [[5], [6, 8]], [[0, 1, 2]] * 2, [False, True], [True, True], [])
+    so = step.to_scheduler_output(known)
+    assert so.seqs[0] is grown and grown.get_token_ids()[-2:] == [4, 5]
+    assert so.seqs[1] is not stale and so.seqs[1].get_len() == 12
+    assert so.seqs[1].get_token_ids()[10:] == [6, 8] and so.num_scheduled_tokens == [1, 2]
+    assert set(known) == {1, 2}  # sequence 3 was not scheduled: forgotten

@@ -1,0 +1,98 @@
+"""Latency: time per output token (TPOT) at batch size 1, and time to first token (TTFT) of a
+request whose 2,048-token prefix is shared with an earlier request, with and without the prefix
+cache. Prints one JSON line.
+
+    python -m benchmarks.latency --milestone m4_cudagraph --preset qwen3-0.6b
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from m0_config.sampling_params import SamplingParams
+from m0_config.toy import toy_checkpoint
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed_request(engine, request_id: str, prompt: list[int], max_tokens: int) -> tuple[float, float]:
+    """(seconds to the first output token, seconds per later output token) of one request alone."""
+    engine.add_request(
+        request_id, None, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    )
+    start = time.perf_counter()
+    engine.step()  # prefill (one step: budget >= prompt) and the first token
+    _sync()
+    first = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    _sync()
+    end = time.perf_counter()
+    return first - start, (end - first) / max(max_tokens - 1, 1)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--milestone", default="m4_cudagraph")
+    p.add_argument("--model")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--llm-kwargs", default="{}")
+    args = p.parse_args(argv)
+    model = args.model or toy_checkpoint(
+        "qwen3", **({"preset": args.preset, "dtype": "bfloat16"} if args.preset else {})
+    )
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(model).vocab_size
+    rng = random.Random(0)
+    draw = lambda n: [rng.randrange(min(vocab, 10000)) for _ in range(n)]  # noqa: E731
+    module = importlib.import_module(args.milestone)
+    extra = json.loads(args.llm_kwargs)
+    budget = {"max_num_batched_tokens": max(4096, args.prefix_len + 64)}
+
+    def engine(**kw):
+        llm = module.LLM(model, **budget, **extra, **kw)
+        llm.generate(["warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
+        return llm.llm_engine
+
+    eng = engine()
+    tpot = statistics.median(
+        timed_request(eng, f"t{i}", draw(128), args.output_len)[1] for i in range(args.repeats)
+    )
+    prefix = draw(args.prefix_len)
+    ttft = {}
+    for caching in (False, True):
+        eng = engine(enable_prefix_caching=caching)
+        timed_request(eng, "seed", prefix + draw(32), 2)  # puts the prefix in the cache (when on)
+        ttft[caching] = statistics.median(
+            timed_request(eng, f"p{i}", prefix + draw(32), 2)[0] for i in range(args.repeats)
+        )
+    result = {
+        "milestone": args.milestone,
+        "model": model,
+        "tpot_ms_bs1": round(1000 * tpot, 3),
+        "ttft_ms_no_cache": round(1000 * ttft[False], 3),
+        "ttft_ms_prefix_cached": round(1000 * ttft[True], 3),
+        "ttft_speedup": round(ttft[False] / ttft[True], 2),
+        "prefix_len": args.prefix_len,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
