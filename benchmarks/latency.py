@@ -8,6 +8,7 @@ cache. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import random
@@ -61,11 +62,19 @@ def main(argv=None) -> dict:
     draw = lambda n: [rng.randrange(min(vocab, 10000)) for _ in range(n)]  # noqa: E731
     module = importlib.import_module(args.milestone)
     extra = json.loads(args.llm_kwargs)
-    budget = {"max_num_batched_tokens": max(4096, args.prefix_len + 64)}
+    # One engine at a time, each with a fixed KV budget: an engine sized by gpu_memory_utilization
+    # would leave nothing for the next one in this process.
+    budget = {"max_num_batched_tokens": max(4096, args.prefix_len + 64), "kv_cache_memory_bytes": 4 << 30}
+    holder = []
 
     def engine(**kw):
+        holder.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         llm = module.LLM(model, **budget, **extra, **kw)
         llm.generate(["warm-up"], SamplingParams(max_tokens=8), use_tqdm=False)
+        holder.append(llm)
         return llm.llm_engine
 
     eng = engine()
