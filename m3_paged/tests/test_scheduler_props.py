@@ -30,7 +30,6 @@ from hypothesis import strategies as st
 from m0_config.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from m0_config.sampling_params import SamplingParams
 from m0_config.sequence import Request, Sequence, SequenceStatus
-from m1_sampling.stop_checker import StopChecker
 from m3_paged.block import NO_PARENT_HASH, compute_block_hash
 from m3_paged.block_manager import BlockManager
 from m3_paged.scheduler import Scheduler, SchedulerOutput
@@ -141,16 +140,28 @@ def next_token(index: int, token_ids: Seq[int]) -> int:
     return EOS if h % 16 == 0 else h % 3
 
 
-def reference_output(prompt: tuple[int, ...], index: int, max_tokens: int) -> tuple[list[int], int]:
-    """(output tokens, finished status) of one candidate generated alone, token by token: the
-    StopChecker's rules for EOS, max_model_len and max_tokens, with no scheduler involved."""
+def stop_status(prompt_len: int, output: list[int], max_tokens: int) -> SequenceStatus | None:
+    """When the fake engine stops a sequence (the stop checker's rules that matter here): the
+    max_model_len cap, EOS, max_tokens."""
+    if prompt_len + len(output) >= MAX_MODEL_LEN:
+        return SequenceStatus.FINISHED_LENGTH_CAPPED
+    if output[-1] == EOS:
+        return SequenceStatus.FINISHED_STOPPED
+    if len(output) == max_tokens:
+        return SequenceStatus.FINISHED_LENGTH_CAPPED
+    return None
+
+
+def reference_output(
+    prompt: tuple[int, ...], index: int, max_tokens: int
+) -> tuple[list[int], SequenceStatus]:
+    """(output tokens, finished status) of one candidate generated alone, token by token, with no
+    scheduler involved."""
     out: list[int] = []
     while True:
         out.append(next_token(index, prompt + tuple(out)))
-        if out[-1] == EOS:
-            return out, SequenceStatus.FINISHED_STOPPED
-        if len(prompt) + len(out) >= MAX_MODEL_LEN or len(out) == max_tokens:
-            return out, SequenceStatus.FINISHED_LENGTH_CAPPED
+        if (status := stop_status(len(prompt), out, max_tokens)) is not None:
+            return out, status
 
 
 def prefix_ids(token_ids: Seq[int]) -> list[int]:
@@ -348,6 +359,7 @@ class Run:
     stopped_by_model: set[int] = field(default_factory=set)  # seq_ids the stop checker finished
     aborted: set[str] = field(default_factory=set)
     num_steps: int = 0
+    events: set[str] = field(default_factory=set)
 
 
 def add_request(sched: Scheduler, run: Run, request_id: str, spec: RequestSpec, seq_ids) -> Request:
@@ -365,7 +377,6 @@ def add_request(sched: Scheduler, run: Run, request_id: str, spec: RequestSpec, 
 
 def run_workload(config: EngineConfig, wl: Workload) -> Run:
     sched = Scheduler(config, wl.num_blocks)
-    stop_checker = StopChecker(MAX_MODEL_LEN, [EOS])
     kv = FakeKVCache(wl.block_size)
     run, requests, seq_ids = Run(), [], iter(range(10**9))
     last_arrival = max(spec.arrival for spec in wl.requests)
@@ -391,8 +402,9 @@ def run_workload(config: EngineConfig, wl: Workload) -> Run:
         for seq, samples, sp in zip(so.seqs, so.samples, so.sampling_params):
             if samples:
                 seq.append_token_id(next_token(run.candidate_index[seq.seq_id], seq.get_token_ids()))
-                stop_checker.maybe_stop_sequence(seq, 0, sp)
-                if seq.is_finished():
+                status = stop_status(seq.get_prompt_len(), seq.data.output_token_ids, sp.max_tokens)
+                if status is not None:  # the stop checker's job
+                    seq.status = status
                     run.stopped_by_model.add(seq.seq_id)
         rows = [(list(s.block_table), list(s.get_token_ids())) for s in so.seqs]
         sched.update_from_output(so)
@@ -400,7 +412,7 @@ def run_workload(config: EngineConfig, wl: Workload) -> Run:
         for req in sched.pop_finished_requests():
             assert req.request_id not in run.outputs  # each request comes out once
             run.outputs[req.request_id] = req
-        record_events(so, sched)
+        record_events(run, so, sched)
     else:
         pytest.fail(f"the workload did not finish in {MAX_STEPS} steps")
     bm = sched.block_manager  # no block leaked: all free, none referenced, no fork left planned
@@ -409,18 +421,16 @@ def run_workload(config: EngineConfig, wl: Workload) -> Run:
     return run
 
 
-def record_events(so: SchedulerOutput, sched: Scheduler) -> None:
+def record_events(run: Run, so: SchedulerOutput, sched: Scheduler) -> None:
     """What the workloads covered (pytest --hypothesis-show-statistics lists these)."""
-    if so.num_preempted:
-        event("preemption")
-    if so.block_copies:
-        event("copy-on-write")
-    if any(not samples for samples in so.samples):
-        event("prefill chunk")
-    if sched.block_manager.stats.hits:
-        event("prefix hit")
-    if sched.pending_forks:
-        event("pending forks")
+    seen = {
+        "preemption": so.num_preempted,
+        "copy-on-write": so.block_copies,
+        "prefill chunk": not all(so.samples),
+        "prefix hit": sched.block_manager.stats.hits,
+        "pending forks": sched.pending_forks,
+    }
+    run.events.update(name for name, happened in seen.items() if happened)
 
 
 # ---- the test --------------------------------------------------------------------------------------
@@ -445,11 +455,11 @@ def check_outputs(run: Run, wl: Workload) -> None:
             if seq.status == SequenceStatus.FINISHED_ABORTED:
                 assert req.request_id in run.aborted
             elif seq.status == SequenceStatus.FINISHED_IGNORED:  # could never run, even alone
-                event("ignored")
+                run.events.add("ignored")
                 longest = max(s.get_len() for s in req.seqs)
                 assert num_required(longest) > wl.num_blocks or len(req.seqs) > wl.max_num_seqs
             else:  # alone in an empty pool, its sequences still did not fit
-                event("finished as unfittable")
+                run.events.add("finished as unfittable")
                 assert seq.status == SequenceStatus.FINISHED_LENGTH_CAPPED
                 started = [s for s in cut_short if s.get_output_len() > 0]
                 fresh = [s for s in cut_short if s.get_output_len() == 0][:1]
@@ -471,4 +481,6 @@ def model_config(toy_model_dir) -> ModelConfig:
 def test_scheduler_workloads(model_config, wl):
     run = run_workload(make_config(model_config, wl), wl)
     check_outputs(run, wl)
+    for name in sorted(run.events):
+        event(name)
     event(f"steps: {'<100' if run.num_steps < 100 else '<500' if run.num_steps < 500 else '>=500'}")
