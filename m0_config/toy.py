@@ -207,8 +207,9 @@ def write_toy_checkpoint(
 
     hf_logging.disable_progress_bar()
     tokenizer = train_tokenizer(seed, add_bos=(arch == "llama"))
-    # Pad the model's vocabulary to a multiple of 64 beyond the tokenizer, as real checkpoints do.
-    vocab_size = -(-len(tokenizer) // 64) * 64
+    # Pad the model's vocabulary to a multiple of 64 beyond the tokenizer, as real checkpoints do
+    # (or take the vocab_size asked for, e.g. Qwen's 151,936 on a tiny model).
+    vocab_size = overrides.pop("vocab_size", -(-len(tokenizer) // 64) * 64)
     config = make_hf_config(arch, vocab_size, preset, **overrides)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
