@@ -115,6 +115,10 @@ class ModelConfig:
     torch_dtype: torch.dtype = field(init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, (str, os.PathLike)):
+            self.model = os.path.expanduser(os.fspath(self.model))  # "~/models/Qwen3-0.6B" works too
+        if isinstance(self.tokenizer, (str, os.PathLike)):
+            self.tokenizer = os.path.expanduser(os.fspath(self.tokenizer))
         raw = read_checkpoint_config(self.model)
         self.architecture = check_architecture(raw)
         self.tokenizer = self.tokenizer or self.model
