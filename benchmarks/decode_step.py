@@ -1,0 +1,76 @@
+"""Decode step time, eager versus CUDA-graph replay, at several batch sizes (m4's runner only: the
+model forward of one decode step, no scheduling or sampling). Every row attends to a context of
+`--context` tokens already in the cache. Prints one JSON line.
+
+    python -m benchmarks.decode_step --preset qwen3-0.6b --batch-sizes 1 8 64 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from m0_config.toy import toy_checkpoint
+
+
+def fill_batch(runner, bs: int, context: int) -> None:
+    """Static buffers for `bs` rows, each at position `context` with its own blocks."""
+    b, size = runner.buffers, runner.block_size
+    blocks_per_row = -(-(context + 1) // size)
+    tables = torch.arange(bs * blocks_per_row, dtype=torch.int32).view(bs, blocks_per_row) % runner.num_blocks
+    b.block_tables[:bs, :blocks_per_row].copy_(tables)
+    b.input_ids[:bs].fill_(7)
+    b.positions[:bs].fill_(context)
+    b.seq_lens[:bs].fill_(context + 1)
+    b.slot_mapping[:bs].copy_(tables[:, context // size].long() * size + context % size)
+
+
+def time_ms(fn, iters: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model")
+    p.add_argument("--preset", default="qwen3-0.6b")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
+    p.add_argument("--context", type=int, default=512)
+    args = p.parse_args(argv)
+    from m4_cudagraph import LLM
+
+    model = args.model or toy_checkpoint("qwen3", preset=args.preset, dtype="bfloat16")
+    llm = LLM(model, max_num_seqs=max(args.batch_sizes), max_model_len=4096)
+    runner = llm.llm_engine.model_runner
+    rows = {}
+    with torch.inference_mode():
+        for bs in args.batch_sizes:
+            fill_batch(runner, bs, args.context)
+            eager = time_ms(lambda bs=bs: runner.forward_decode_static(bs))
+            graph = time_ms(runner.graphs[bs].replay)
+            rows[bs] = {
+                "eager_ms": round(eager, 3),
+                "graph_ms": round(graph, 3),
+                "speedup": round(eager / graph, 2),
+            }
+    result = {
+        "benchmark": "decode_step",
+        "context": args.context,
+        "device": torch.cuda.get_device_name(),
+        "rows": rows,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
