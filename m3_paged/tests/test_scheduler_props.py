@@ -88,7 +88,7 @@ def request_specs(draw, stems: list[list[int]]) -> RequestSpec:
         temperature=1.0 if best_of > 1 else draw(st.sampled_from([0.0, 1.0])),
         max_tokens=draw(st.integers(1, 12)),
         arrival=draw(st.one_of(st.just(0), st.integers(0, 16))),
-        abort_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 24))),
+        abort_at=draw(st.one_of(st.none(), st.none(), st.none(), st.integers(0, 16))),
     )
 
 
@@ -495,6 +495,21 @@ FORKS_OUTGROW_THE_POOL = Workload(
     requests=(RequestSpec(prompt=(0,) * 6, n=1, best_of=2, temperature=1.0, max_tokens=5, arrival=0),),
 )
 
+# Not a past bug but a rare path: an abort while the forks still wait for the chunked prompt.
+ABORT_WITH_PENDING_FORKS = Workload(
+    block_size=4,
+    num_blocks=16,
+    max_num_seqs=2,
+    max_num_batched_tokens=2,
+    enable_chunked_prefill=True,
+    enable_prefix_caching=True,
+    requests=(
+        RequestSpec(
+            prompt=(0, 1, 2) * 3, n=2, best_of=2, temperature=1.0, max_tokens=4, arrival=0, abort_at=2
+        ),
+    ),
+)
+
 
 @pytest.fixture(scope="module")
 def model_config(toy_model_dir) -> ModelConfig:
@@ -510,6 +525,7 @@ def model_config(toy_model_dir) -> ModelConfig:
 @given(wl=workloads())
 @example(wl=HELD_BACK_FORKS)
 @example(wl=FORKS_OUTGROW_THE_POOL)
+@example(wl=ABORT_WITH_PENDING_FORKS)
 def test_scheduler_workloads(model_config, wl):
     run = run_workload(make_config(model_config, wl), wl)
     check_outputs(run, wl)
