@@ -5,7 +5,8 @@ Megatron-style tensor parallelism cuts every weight matrix along one dimension:
 - attention: the query heads split evenly; the KV heads split evenly when there are at least as
   many as ranks (`total_kv % tp == 0`), else every group of `tp // total_kv` ranks shares (a copy
   of) one KV head (`tp % total_kv == 0`): rank r keeps exactly the KV head its query heads read;
-- the MLP: `intermediate_size` splits evenly (gate and up by rows, down by columns);
+- the MLP: `intermediate_size` splits evenly (gate and up by rows, down by columns); so does every
+  expert's `moe_intermediate_size` in a mixture-of-experts layer (all experts on every rank);
 - the vocabulary splits into `ceil(vocab / tp)` rows per rank; the last rank's tail is padding.
 
 Everything here is pure arithmetic on the config, so it is checked on the driver before any
@@ -61,17 +62,15 @@ def vocab_range(vocab_size: int, tp_rank: int, tp_size: int) -> tuple[int, int, 
 
 
 def check_tensor_parallel(hf_config: Any, tp_size: int) -> None:
-    """ValueError for a model that cannot be split over `tp_size` ranks (heads, KV heads, MLP)."""
+    """ValueError for a model that cannot be split over `tp_size` ranks (heads, KV heads, MLP, experts)."""
     if tp_size == 1:
         return
-    if getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None):
-        raise ValueError(
-            "tensor parallelism of mixture-of-experts models is not built; use tensor_parallel_size=1"
-        )
     num_heads = hf_config.num_attention_heads
     divide(num_heads, tp_size, "num_attention_heads")
     kv_heads_per_rank(getattr(hf_config, "num_key_value_heads", None) or num_heads, tp_size)
     divide(hf_config.intermediate_size, tp_size, "intermediate_size")
+    if getattr(hf_config, "num_experts", None):  # every expert is split like a dense MLP
+        divide(hf_config.moe_intermediate_size, tp_size, "moe_intermediate_size")
 
 
 def check_devices(device_type: str, num_ranks_here: int, num_devices: int) -> None:

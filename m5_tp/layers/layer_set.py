@@ -6,6 +6,7 @@ from __future__ import annotations
 from functools import partial
 
 from m2_kvcache.layers.layer_set import ModelLayers
+from m5_tp.layers.fused_moe import FusedMoEParallel
 from m5_tp.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from m5_tp.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from m5_tp.parallel_state import TensorParallelGroup
@@ -19,4 +20,5 @@ def tensor_parallel_layers(tp_group: TensorParallelGroup) -> ModelLayers:
         row_linear=partial(RowParallelLinear, tp_group=tp_group),
         embedding=partial(VocabParallelEmbedding, tp_group=tp_group),
         lm_head=partial(ParallelLMHead, tp_group=tp_group),
+        fused_moe=partial(FusedMoEParallel, tp_group=tp_group),
     )

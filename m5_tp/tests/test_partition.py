@@ -63,7 +63,7 @@ def _config(heads=4, kv=2, inter=128, **extra):
         (_config(), 8, "num_attention_heads"),
         (_config(heads=12, kv=4, inter=12), 3, r"num_key_value_heads \(4\) and tensor_parallel_size \(3\)"),
         (_config(heads=4, kv=4, inter=6), 4, r"intermediate_size \(6\)"),
-        (_config(num_experts=8), 2, "mixture-of-experts"),
+        (_config(num_experts=8, moe_intermediate_size=6), 4, r"moe_intermediate_size \(6\)"),
     ],
 )
 def test_clear_errors_for_what_does_not_split(config, tp, message):
