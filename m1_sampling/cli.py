@@ -50,6 +50,10 @@ def main(llm_cls, milestone: str, argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     llm = llm_cls(model, **kwargs)
     print(f"[{milestone}] loaded {model} in {time.perf_counter() - start:.1f}s")
+    if args.model is None:
+        print(
+            f"[{milestone}] a toy checkpoint with random weights: its text is noise. Pass --model DIR (or MODEL=DIR to make demo) for a real one."
+        )
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
