@@ -198,7 +198,8 @@ class CacheConfig:
             f"block_size must be a power of two in 1..1024, got {bs!r}",
         )
         _check(
-            0.0 < self.gpu_memory_utilization <= 1.0,
+            isinstance(self.gpu_memory_utilization, (int, float))
+            and 0.0 < self.gpu_memory_utilization <= 1.0,
             f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}",
         )
         for name in ("num_gpu_blocks_override", "kv_cache_memory_bytes"):

@@ -59,7 +59,11 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        _check(isinstance(self.stop, (list, tuple)), "stop", "a string, a list of strings or None", self.stop)
+        self.stop = list(self.stop)
+        ids = self.stop_token_ids
+        _check(ids is None or isinstance(ids, (list, tuple)), "stop_token_ids", "a list of ints or None", ids)
+        self.stop_token_ids = list(ids or [])
         self._verify_counts()
         self._verify_penalties()
         self._verify_truncation()
@@ -78,7 +82,12 @@ class SamplingParams:
         if self.temperature < SAMPLING_EPS:
             # Greedy decoding is deterministic: extra candidates would all be the same sequence.
             _check(self.best_of == 1, "best_of", "1 when temperature=0 (greedy)", self.best_of)
-        _check(self.seed is None or isinstance(self.seed, int), "seed", "an int or None", self.seed)
+        _check(
+            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+            "seed",
+            "an int in [-2**63, 2**64) or None",
+            self.seed,
+        )
 
     def _verify_penalties(self) -> None:
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]", self.presence_penalty)

@@ -63,6 +63,17 @@ class LLM:
                     f"Supported here: {', '.join(sorted(self.supported_arguments))}"
                 )
 
+    def _check_request(self, index: int, prompt_token_ids: list[int], sp: SamplingParams) -> None:
+        """Refuse what could never run, before anything is queued (later milestones add checks)."""
+        if sp.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported by this engine; leave it as None")
+        max_num_seqs = self.llm_engine.config.scheduler_config.max_num_seqs
+        if sp.best_of > max_num_seqs:
+            raise ValueError(
+                f"prompt {index}: best_of={sp.best_of} candidates can never run together with "
+                f"max_num_seqs={max_num_seqs}; lower best_of / n or raise max_num_seqs"
+            )
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
@@ -78,14 +89,17 @@ class LLM:
             parse_prompt(i, p, engine.tokenizer, mc.vocab_size, mc.max_model_len)
             for i, p in enumerate(prompt_list)
         ]
-        for sp in params:
-            if sp.prompt_logprobs is not None:
-                raise ValueError("prompt_logprobs is not supported by this engine; leave it as None")
+        for i, (p, sp) in enumerate(zip(parsed, params)):
+            self._check_request(i, p.prompt_token_ids, sp)
         request_ids = []
-        for p, sp in zip(parsed, params):
-            request_id = str(next(self.request_counter))
-            engine.add_request(request_id, p.prompt, p.prompt_token_ids, sp)
-            request_ids.append(request_id)
+        try:
+            for p, sp in zip(parsed, params):
+                request_id = str(next(self.request_counter))
+                request_ids.append(request_id)
+                engine.add_request(request_id, p.prompt, p.prompt_token_ids, sp)
+        except BaseException:
+            engine.abort_requests(request_ids)  # nothing of a failed call stays queued
+            raise
         outputs = self._run_engine(request_ids, use_tqdm)
         return [outputs[r] for r in request_ids]
 
@@ -99,10 +113,8 @@ class LLM:
                     outputs[out.request_id] = out
                     bar.update(out)
         except BaseException:
-            for r in request_ids:  # leave the engine clean and usable after an error or Ctrl-C
-                if r not in outputs:
-                    engine.abort_request(r)
-            engine.scheduler.pop_finished_requests()
+            # leave the engine clean and usable after an error or Ctrl-C
+            engine.abort_requests([r for r in request_ids if r not in outputs])
             raise
         finally:
             bar.close()
@@ -115,7 +127,12 @@ class LLM:
         tokenizer = self.llm_engine.tokenizer
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; use generate() with a plain prompt")
-        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        if isinstance(messages, str) or not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
+        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
+        for conv in conversations:
+            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+                raise ValueError("each conversation must be a list of {'role', 'content'} dicts")
         prompts = []
         for conv in conversations:
             text = tokenizer.apply_chat_template(

@@ -73,6 +73,14 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> None:
         self.scheduler.abort_request(request_id)
 
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Abort these requests and drop them and their generators: nothing of them remains."""
+        for request_id in request_ids:
+            self.scheduler.abort_request(request_id)
+        for req in self.scheduler.pop_finished_requests():
+            for seq in req.seqs:
+                self.generators.pop(seq.seq_id, None)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

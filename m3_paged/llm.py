@@ -21,3 +21,13 @@ class LLM(SlotLLM):
         "attention_backend",
     }
     fixed_arguments: dict[str, Any] = {}  # chunked prefill is the user's choice from here on
+
+    def _check_request(self, index: int, prompt_token_ids: list[int], sp) -> None:
+        super()._check_request(index, prompt_token_ids, sp)
+        bm = self.llm_engine.scheduler.block_manager
+        need = bm.num_required_blocks(len(prompt_token_ids))
+        if need > bm.num_blocks:
+            raise ValueError(
+                f"prompt {index} has {len(prompt_token_ids)} tokens: {need} KV blocks of {bm.block_size}, but the "
+                f"cache holds {bm.num_blocks} blocks; give the cache more memory or shorten the prompt"
+            )

@@ -66,3 +66,57 @@ def test_unknown_and_unsupported_arguments(qwen3_dir):
 def test_prompt_logprobs_rejected(llm):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         llm.generate("Hello", SamplingParams(prompt_logprobs=1), use_tqdm=False)
+
+
+def test_failed_call_leaves_nothing_queued(llm):
+    """A request that fails while being queued (here: a seed torch cannot take) takes the earlier
+    requests of the same call with it."""
+    bad = SamplingParams(seed=2**64 - 1, temperature=1.0)
+    object.__setattr__(bad, "seed", 2**70)  # past SamplingParams' own check, as a bug elsewhere might
+    with pytest.raises((ValueError, RuntimeError, OverflowError)):
+        llm.generate(["Hello", "world"], [SamplingParams(max_tokens=2), bad], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests() and not llm.llm_engine.generators
+    out = llm.generate("Hello", SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert [o.request_id for o in out] and len(out[0].outputs[0].token_ids) == 2
+
+
+def test_interrupted_call_drops_its_generators(llm):
+    engine = llm.llm_engine
+    original = engine.step
+    calls = []
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original()
+
+    engine.step = failing_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate("Hello", SamplingParams(n=3, seed=1, temperature=1.0, max_tokens=8), use_tqdm=False)
+    finally:
+        del engine.step
+    assert not engine.generators and not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda llm: llm.chat("hello"), "messages must be"),
+        (lambda llm: llm.chat([["not a dict"]]), "each conversation"),
+        (lambda llm: SamplingParams(stop=5), "stop must be"),
+        (lambda llm: SamplingParams(stop_token_ids=5), "stop_token_ids must be"),
+        (lambda llm: SamplingParams(seed=2**64), "seed must be"),
+    ],
+)
+def test_wrong_types_are_value_errors(llm, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(llm)
+
+
+def test_wrong_type_engine_argument(qwen3_dir):
+    import m3_paged
+
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        m3_paged.LLM(qwen3_dir, gpu_memory_utilization="0.5")

@@ -103,16 +103,24 @@ def test_kv_cache_usage_shows_reserved_but_unused(qwen3_dir):
     assert usage.used_fraction == pytest.approx(10 / 512)
 
 
-def test_best_of_larger_than_slots_is_ignored_not_looped(qwen3_dir):
+def test_best_of_larger_than_slots_is_refused_or_ignored_not_looped(qwen3_dir):
     llm = LLM(qwen3_dir, max_num_seqs=2)
-    out = llm.generate(
-        ["Hello", "world"],
-        [SamplingParams(n=1, best_of=3, temperature=1.0), SamplingParams(temperature=0, max_tokens=3)],
-        use_tqdm=False,
-    )
-    assert out[0].outputs[0].finish_reason == "length" and out[0].outputs[0].token_ids == []
-    assert len(out[1].outputs[0].token_ids) == 3
-    assert not llm.llm_engine.scheduler.slot_of
+    with pytest.raises(ValueError, match="best_of=3 candidates can never run together with max_num_seqs=2"):
+        llm.generate(
+            ["Hello", "world"],
+            [SamplingParams(best_of=3), SamplingParams(temperature=0, max_tokens=3)],
+            use_tqdm=False,
+        )
+    # Added past the LLM's check, the scheduler still finishes it instead of waiting forever.
+    engine = llm.llm_engine
+    engine.add_request("big", None, [5, 6], SamplingParams(n=1, best_of=3, temperature=1.0))
+    engine.add_request("ok", None, [7, 8], SamplingParams(temperature=0, max_tokens=3))
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs["big"].outputs[0].finish_reason == "length" and outs["big"].outputs[0].token_ids == []
+    assert len(outs["ok"].outputs[0].token_ids) == 3
+    assert not engine.scheduler.slot_of
 
 
 def test_cache_that_cannot_fit_is_a_clear_error(qwen3_dir):

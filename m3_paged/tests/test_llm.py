@@ -136,13 +136,20 @@ def test_forks_share_prompt_blocks(qwen3_dir):
     assert bm.get_num_free_blocks() == bm.num_blocks
 
 
-def test_prompt_that_can_never_fit_is_finished_not_looped(qwen3_dir):
+def test_prompt_that_can_never_fit_is_refused_or_finished_not_looped(qwen3_dir):
     llm = LLM(qwen3_dir, block_size=4, num_gpu_blocks_override=3)
-    outs = llm.generate(
-        [list(range(1, 30)), [5, 6]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
-    )
-    assert outs[0].outputs[0].finish_reason == "length" and outs[0].outputs[0].token_ids == []
-    assert len(outs[1].outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="8 KV blocks of 4, but the cache holds 3 blocks"):
+        llm.generate(
+            [list(range(1, 30)), [5, 6]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
+        )
+    engine = llm.llm_engine  # past the LLM's check, the scheduler finishes it instead of looping
+    engine.add_request("big", None, list(range(1, 30)), SamplingParams(temperature=0, max_tokens=3))
+    engine.add_request("ok", None, [5, 6], SamplingParams(temperature=0, max_tokens=3))
+    outs = {}
+    while engine.has_unfinished_requests():
+        outs.update({o.request_id: o for o in engine.step()})
+    assert outs["big"].outputs[0].finish_reason == "length" and outs["big"].outputs[0].token_ids == []
+    assert len(outs["ok"].outputs[0].token_ids) == 3
 
 
 def test_is_prefill_is_explicit(qwen3_dir):
