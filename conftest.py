@@ -51,3 +51,45 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """A function: hf_greedy(model_dir, prompts, max_new_tokens) -> HF `generate` greedy token ids,
+    one prompt at a time (no padding), float32 on the CPU, stopping at the checkpoint's EOS ids."""
+    from m0_config.config import ModelConfig
+    from m0_config.loader import load_hf_model, load_tokenizer
+
+    def run(model_dir: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+        model = load_hf_model(ModelConfig(model_dir, device="cpu", dtype="float32"))
+        tok = load_tokenizer(model_dir)
+        outs = []
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+            )
+            outs.append(gen[0, ids.shape[1] :].tolist())
+        return outs
+
+    return run
+
+
+@pytest.fixture
+def spy_chunks():
+    """A function: spy_chunks(engine) -> a list that gets one bool per scheduled row of every later
+    step, True for a non-final prefill chunk (a row that computes tokens but does not sample)."""
+
+    def install(engine) -> list[bool]:
+        chunked: list[bool] = []
+        schedule = engine.scheduler.schedule
+
+        def spy():
+            out = schedule()
+            chunked.extend(not s for s in out.samples)
+            return out
+
+        engine.scheduler.schedule = spy  # an instance attribute: this engine only
+        return chunked
+
+    return install

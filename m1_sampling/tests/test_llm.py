@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from m0_config.config import EngineConfig
-from m0_config.loader import load_hf_model, load_tokenizer
+from m0_config.loader import load_hf_model
 from m1_sampling import LLM, SamplingParams
 
 pytestmark = pytest.mark.m1
@@ -19,21 +19,7 @@ def qwen3_llm(qwen3_dir):
     return LLM(qwen3_dir, max_num_seqs=8)
 
 
-def hf_greedy(model_dir: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    """HF `generate` greedy, one prompt at a time (no padding), stopping at the same EOS ids."""
-    cfg = EngineConfig.from_llm_kwargs(model_dir)
-    model, tok = load_hf_model(cfg.model_config), load_tokenizer(model_dir)
-    outs = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        gen = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
-        )
-        outs.append(gen[0, ids.shape[1] :].tolist())
-    return outs
-
-
-def test_greedy_matches_hf_all_archs(toy_arch_dir):
+def test_greedy_matches_hf_all_archs(toy_arch_dir, hf_greedy):
     llm = LLM(toy_arch_dir)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=20), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(toy_arch_dir, PROMPTS, 20)

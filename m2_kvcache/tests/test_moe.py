@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import m3_paged
 from m0_config.config import ModelConfig
-from m0_config.loader import load_hf_model, load_tokenizer
+from m0_config.loader import load_hf_model
 from m0_config.toy import make_hf_config
 from m2_kvcache import LLM, SamplingParams
 from m2_kvcache.attention import AttentionMetadata, ContiguousCacheBackend, allocate_kv_cache
@@ -141,20 +141,8 @@ def test_router_equals_hf(renormalize):
         torch.testing.assert_close(weights, torch.softmax(logits, -1).gather(1, ids))
 
 
-def hf_greedy(model_dir: str, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    model, tok = load_hf_model(ModelConfig(model_dir, device="cpu")), load_tokenizer(model_dir)
-    outs = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        gen = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
-        )
-        outs.append(gen[0, ids.shape[1] :].tolist())
-    return outs
-
-
 @pytest.mark.m3
-def test_greedy_equals_hf_through_m2_and_m3(moe_checkpoint):
+def test_greedy_equals_hf_through_m2_and_m3(moe_checkpoint, hf_greedy):
     """The default toy goes through every milestone's all-architecture tests; this is the other
     config (dense layer 0, top-3 of 5, not renormalised)."""
     path = moe_checkpoint("sparse-step-2")

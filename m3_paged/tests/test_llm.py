@@ -67,18 +67,9 @@ def test_preemption_equals_ample_pool(qwen3_dir, m2_greedy):
 
 
 @pytest.mark.parametrize("budget", [3, 8])
-def test_chunked_prefill_equals_unchunked(qwen3_dir, m2_greedy, budget):
+def test_chunked_prefill_equals_unchunked(qwen3_dir, m2_greedy, spy_chunks, budget):
     llm = LLM(qwen3_dir, block_size=4, max_num_batched_tokens=budget, max_num_seqs=3)
-    engine = llm.llm_engine
-    chunked = []
-    original = engine.scheduler.schedule
-
-    def spy():
-        out = original()
-        chunked.extend(not s for s in out.samples)
-        return out
-
-    engine.scheduler.schedule = spy
+    chunked = spy_chunks(llm.llm_engine)
     assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == m2_greedy
     assert any(chunked)  # some steps really computed a non-final chunk
 

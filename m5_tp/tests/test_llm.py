@@ -76,17 +76,9 @@ def m4_greedy(qwen3_dir):
     return _m4_tokens(qwen3_dir)
 
 
-def test_greedy_equals_m4_with_chunked_prefill(tp2, m4_greedy):
+def test_greedy_equals_m4_with_chunked_prefill(tp2, m4_greedy, spy_chunks):
     engine = tp2.llm_engine
-    chunked = []
-    schedule = engine.scheduler.schedule
-
-    def spy():
-        out = schedule()
-        chunked.extend(not s for s in out.samples)
-        return out
-
-    engine.scheduler.schedule = spy
+    chunked = spy_chunks(engine)  # tp2 is shared by the module: the spy is removed below
     try:
         assert _tokens(tp2.generate(PROMPTS, GREEDY, use_tqdm=False)) == m4_greedy
     finally:
