@@ -39,6 +39,18 @@ def time_ms(fn, iters: int = 50) -> float:
     return start.elapsed_time(end) / iters
 
 
+def count_kernels(fn) -> int:
+    """GPU kernels one call of `fn` launches (eagerly), from the profiler's trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model")
@@ -58,6 +70,7 @@ def main(argv=None) -> dict:
             eager = time_ms(lambda bs=bs: runner.forward_decode_static(bs))
             graph = time_ms(runner.graphs[bs].replay)
             rows[bs] = {
+                "kernels": count_kernels(lambda bs=bs: runner.forward_decode_static(bs)),
                 "eager_ms": round(eager, 3),
                 "graph_ms": round(graph, 3),
                 "speedup": round(eager / graph, 2),

@@ -14,6 +14,7 @@ from m0_config.logger import init_logger
 from m2_kvcache.attention.kv_cache import KVCacheUsage, attention_layers
 from m2_kvcache.attention.metadata import AttentionMetadata
 from m2_kvcache.attention.no_cache import NoCacheBackend
+from m2_kvcache.layers.layer_set import ModelLayers
 from m2_kvcache.model_loader import load_model
 from m2_kvcache.model_runner import ModelRunner as SlotModelRunner
 from m3_paged.attention.backends import get_attn_backend
@@ -33,7 +34,14 @@ class ModelRunner(SlotModelRunner):
         super().__init__(config)  # loads the model, then allocate_kv_cache()
 
     def load_model(self) -> torch.nn.Module:
-        return load_model(self.config.model_config, attn_backend=self.attn_backend)
+        return load_model(
+            self.config.model_config, attn_backend=self.attn_backend, layers=self.model_layers()
+        )
+
+    def model_layers(self) -> ModelLayers:
+        """The layer classes the model is built from. Extension point: m4 swaps in fused kernels,
+        m5 tensor-parallel linears."""
+        return ModelLayers()
 
     # ---- KV-cache sizing -----------------------------------------------------------------------
     def allocate_kv_cache(self) -> torch.Tensor:

@@ -14,10 +14,12 @@ import torch
 
 from m0_config.config import EngineConfig
 from m0_config.logger import init_logger
+from m2_kvcache.layers.layer_set import ModelLayers
 from m3_paged.attention.metadata import PagedAttentionMetadata
 from m3_paged.model_runner import ModelRunner as PagedModelRunner
 from m3_paged.scheduler import SchedulerOutput
 from m4_cudagraph.buckets import capture_sizes, pick_bucket
+from m4_cudagraph.fused_layers import fused_layers_for
 from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs
 
 logger = init_logger(__name__)
@@ -42,6 +44,10 @@ class ModelRunner(PagedModelRunner):
             self.use_static_decode = False
         if self.use_static_decode:
             self.capture_cudagraphs()
+
+    def model_layers(self) -> ModelLayers:
+        """m3's layers with the norms, activation and RoPE as single fused kernels on CUDA."""
+        return fused_layers_for(self.device, super().model_layers())
 
     # ---- capture ---------------------------------------------------------------------------------
     def decode_metadata(self, bs: int) -> PagedAttentionMetadata:

@@ -18,7 +18,7 @@ import torch
 
 from m0_config.config import EngineConfig
 from m2_kvcache.attention.kv_cache import attention_layers
-from m2_kvcache.model_loader import load_model
+from m2_kvcache.layers.layer_set import ModelLayers
 from m4_cudagraph.model_runner import ModelRunner as BaseModelRunner
 from m5_tp.layers import tensor_parallel_layers
 from m5_tp.parallel_state import TensorParallelGroup
@@ -29,9 +29,9 @@ class ModelRunner(BaseModelRunner):
         self.tp_group = tp_group
         super().__init__(config)
 
-    def load_model(self) -> torch.nn.Module:
-        layers = tensor_parallel_layers(self.tp_group)
-        return load_model(self.config.model_config, attn_backend=self.attn_backend, layers=layers)
+    def model_layers(self) -> ModelLayers:
+        """m4's layers (fused kernels on CUDA) with the linears and embeddings made parallel."""
+        return tensor_parallel_layers(self.tp_group, base=super().model_layers())
 
     def block_bytes(self) -> int:
         """2 (K and V) * layers * block_size * this rank's KV heads * head_dim * element size."""

@@ -114,7 +114,12 @@ class RotaryEmbedding(nn.Module):
 
 
 def get_rope(
-    head_dim: int, max_position: int, rope_theta: float, rope_scaling: dict | None = None
+    head_dim: int,
+    max_position: int,
+    rope_theta: float,
+    rope_scaling: dict | None = None,
+    rotary_cls: type[RotaryEmbedding] = RotaryEmbedding,
 ) -> RotaryEmbedding:
-    """A RotaryEmbedding for these parameters; ValueError for an unsupported scaling type."""
-    return RotaryEmbedding(head_dim, max_position, compute_inv_freq(head_dim, rope_theta, rope_scaling))
+    """A RotaryEmbedding (or the subclass `rotary_cls`, e.g. m4's fused one) for these parameters;
+    ValueError for an unsupported scaling type."""
+    return rotary_cls(head_dim, max_position, compute_inv_freq(head_dim, rope_theta, rope_scaling))

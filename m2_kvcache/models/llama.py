@@ -25,10 +25,8 @@ import torch
 from torch import nn
 
 from m2_kvcache.attention import ContiguousCacheBackend
-from m2_kvcache.layers.activation import SiluAndMul
 from m2_kvcache.layers.attention import Attention, AttentionBackend
 from m2_kvcache.layers.layer_set import ModelLayers
-from m2_kvcache.layers.layernorm import RMSNorm
 from m2_kvcache.layers.rotary_embedding import RotaryEmbedding, get_rope, rope_config
 
 
@@ -82,8 +80,8 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = rotary_emb
         self.qk_norm = options.qk_norm
         if self.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+            self.q_norm = layers.rms_norm(self.head_dim, hf_config.rms_norm_eps)
+            self.k_norm = layers.rms_norm(self.head_dim, hf_config.rms_norm_eps)
         self.attn = Attention(
             self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5, layer_idx, attn_backend
         )
@@ -107,7 +105,7 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = layers.merged_linear(hidden_size, [intermediate_size, intermediate_size], bias)
         self.down_proj = layers.row_linear(intermediate_size, hidden_size, bias)
-        self.act_fn = SiluAndMul()
+        self.act_fn = layers.activation()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -136,8 +134,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(hf_config, layer_idx, rotary_emb, attn_backend, layers, options)
         self.mlp = make_mlp(hf_config, layer_idx, layers, options)
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.input_layernorm = layers.rms_norm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.post_attention_layernorm = layers.rms_norm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(
         self,
@@ -170,12 +168,18 @@ class LlamaModel(nn.Module):
         self.embed_tokens = layers.embedding(hf_config.vocab_size, hf_config.hidden_size)
         theta, scaling = rope_config(hf_config)
         # One table of cos/sin for all layers.
-        rotary_emb = get_rope(config_head_dim(hf_config), hf_config.max_position_embeddings, theta, scaling)
+        rotary_emb = get_rope(
+            config_head_dim(hf_config),
+            hf_config.max_position_embeddings,
+            theta,
+            scaling,
+            layers.rotary_embedding,
+        )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(hf_config, i, rotary_emb, attn_backend, layers, options, make_mlp)
             for i in range(hf_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.norm = layers.rms_norm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None  # (num_tokens, hidden_size)

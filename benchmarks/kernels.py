@@ -1,0 +1,134 @@
+"""Micro-benchmarks of the paged-attention kernel (m3_paged/ops/paged_attention.py) against the two
+ceilings of the GPU it runs on.
+
+- Ceilings: a large device-to-device copy (bytes read + bytes written per second) and a large bf16
+  matrix product through cuBLAS (TFLOP/s).
+- Decode: one query token per sequence over a context of `ctx` cached tokens, Qwen3-0.6B's head
+  layout (16 q heads, 8 kv heads, head_dim 128), blocks scattered at random through the cache.
+  The bytes that must move are each sequence's K and V once; achieved bandwidth = those bytes / time,
+  reported as a fraction of the copy bandwidth. Rows for the automatic split choice and for forced
+  ones show what split-K buys.
+- Prefill: whole prompts with causal attention; FLOPs = 4 * heads * head_dim * (visible query-key
+  pairs), reported in TFLOP/s.
+
+Times are medians of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so the Python cost of
+launching (which dominates a single small decode call) is not counted: inside the engine these
+kernels run in a captured graph too. Prints one JSON line per row.
+
+    python -m benchmarks.kernels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton
+
+from m3_paged.ops import paged_attention
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
+DTYPE = torch.bfloat16
+
+
+def emit(row: dict) -> dict:
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy GB/s counting read + write, bf16 matmul TFLOP/s)."""
+    src = torch.randn(2**30, dtype=DTYPE, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    copy_gbs = 2 * src.numel() * 2 / ms / 1e6
+    a, b = (torch.randn(8192, 8192, dtype=DTYPE, device="cuda") for _ in range(2))
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    tflops = 2 * 8192**3 / ms / 1e9
+    emit({"kernel": "ceilings", "copy_GBps": round(copy_gbs), "matmul_TFLOPs": round(tflops)})
+    return copy_gbs, tflops
+
+
+def paged_batch(q_lens: list[int], seq_lens: list[int], block_size: int, seed: int = 0):
+    """q and a cache whose blocks are handed out in a random order (as after a long run)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq)
+    cache_shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(cache_shape, dtype=DTYPE, device="cuda", generator=g)
+    v_cache = torch.randn(cache_shape, dtype=DTYPE, device="cuda", generator=g)
+    perm = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32)
+    tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32, device="cuda")
+    start = 0
+    for i, n in enumerate(blocks_per_seq):
+        tables[i, :n] = perm[start : start + n]
+        start += n
+    q = torch.randn(sum(q_lens), NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda", generator=g)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    return q, k_cache, v_cache, cu, seq_lens_t, tables
+
+
+def bench_decode(bs: int, ctx: int, block_size: int, copy_gbs: float, splits: list[int | None]) -> None:
+    q, k_cache, v_cache, cu, seq_lens, tables = paged_batch([1] * bs, [ctx] * bs, block_size)
+    kv_bytes = 2 * bs * ctx * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+    out = torch.empty_like(q)
+    for num_splits in splits:
+        ms = triton.testing.do_bench_cudagraph(
+            lambda num_splits=num_splits: paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                cu,
+                seq_lens,
+                tables,
+                HEAD_DIM**-0.5,
+                out=out,
+                num_splits=num_splits,
+                max_seqlen_k=ctx,
+            ),  # fmt: skip
+            return_mode="median",
+        )
+        gbs = kv_bytes / ms / 1e6
+        emit({
+            "kernel": "decode", "batch": bs, "context": ctx, "block_size": block_size,
+            "num_splits": num_splits or "auto", "us": round(ms * 1e3, 1), "GBps": round(gbs),
+            "of_copy": round(gbs / copy_gbs, 3),
+        })  # fmt: skip
+
+
+def bench_prefill(num_seqs: int, length: int, block_size: int, tflops_peak: float) -> None:
+    q, k_cache, v_cache, cu, seq_lens, tables = paged_batch(
+        [length] * num_seqs, [length] * num_seqs, block_size
+    )
+    ms = triton.testing.do_bench_cudagraph(
+        lambda: paged_attention(
+            q, k_cache, v_cache, cu, seq_lens, tables, HEAD_DIM**-0.5, max_seqlen_k=length
+        ),
+        return_mode="median",
+    )
+    pairs = num_seqs * length * (length + 1) // 2  # causal (query, key) pairs
+    tflops = 4 * NUM_HEADS * HEAD_DIM * pairs / ms / 1e9
+    emit({
+        "kernel": "prefill", "seqs": num_seqs, "length": length, "block_size": block_size,
+        "us": round(ms * 1e3, 1), "TFLOPs": round(tflops, 1), "of_matmul": round(tflops / tflops_peak, 3),
+    })  # fmt: skip
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="fewer rows")
+    args = p.parse_args(argv)
+    emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__})
+    copy_gbs, tflops = ceilings()
+    cases = [(1, 4096), (1, 16384), (8, 4096), (16, 8192), (64, 4096), (256, 4096), (64, 16384), (256, 512)]
+    for bs, ctx in cases[:4] if args.quick else cases:
+        bench_decode(bs, ctx, args.block_size, copy_gbs, [None] if args.quick else [None, 1, 2, 4, 8, 16])
+    for num_seqs, length in [(1, 2048), (4, 2048), (1, 8192)]:
+        bench_prefill(num_seqs, length, args.block_size, tflops)
+
+
+if __name__ == "__main__":
+    main()

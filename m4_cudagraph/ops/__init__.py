@@ -1,0 +1,32 @@
+"""Milestone 4's fused elementwise kernels, each beside its pure-torch reference (m2's layer code).
+
+A decode step of a small model is a long chain of tiny kernels. In m2's torch code an RMSNorm is
+about nine of them (add, cast, square, mean, add eps, rsqrt, two multiplies, cast back), RoPE about
+twenty, the gated activation three; a CUDA graph removes their launch cost from the CPU but each
+still costs the GPU a few microseconds to start and drain. Each kernel here does one of those
+layers in a single pass over its input:
+
+- `rms_norm` / `rms_norm_ref`: RMSNorm over the last dimension, optionally with the residual add
+  fused in (returns the normalized sum and the sum); rows may be strided, so it also serves as
+  Qwen3's per-head q/k norm on a view of the fused qkv projection.
+- `rotary_embedding` / `rotary_embedding_ref`: rotate-half RoPE applied to q and k in place.
+- `silu_and_mul` / `silu_and_mul_ref`: silu(gate) * up over the fused gate/up projection.
+
+Importing `m3_paged.ops` first sets TRITON_INTERPRET=1 when there is no GPU (see its docstring),
+so these kernels run in Triton's interpreter in the CPU tests.
+"""
+
+import m3_paged.ops  # noqa: F401  (sets TRITON_INTERPRET before the kernels below are decorated)
+
+from .rms_norm import rms_norm, rms_norm_ref  # noqa: E402
+from .rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
+from .silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
+
+__all__ = [
+    "rms_norm",
+    "rms_norm_ref",
+    "rotary_embedding",
+    "rotary_embedding_ref",
+    "silu_and_mul",
+    "silu_and_mul_ref",
+]

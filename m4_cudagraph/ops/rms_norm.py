@@ -1,0 +1,100 @@
+"""RMSNorm in one kernel, with the residual add fused in.
+
+What it computes (the reference is m2's `rms_norm`, which rounds exactly as HF transformers does):
+
+    without residual:  out = weight * (x / sqrt(mean(x^2) + eps))
+    with residual:     s = x + residual (rounded to x's dtype);  out = weight * (s / sqrt(mean(s^2) + eps))
+
+over the last dimension, statistics in float32. Rows may be strided in two levels, (token, head),
+so the same kernel normalizes hidden states (num_tokens, hidden) and, for Qwen3, every head of a
+(num_tokens, num_heads, head_dim) view into the fused qkv projection without copying it first.
+
+One program normalizes BLOCK_R rows at once (a (BLOCK_R, BLOCK_N) tile), so short rows such as
+128-wide heads still give each program a few thousand elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from m2_kvcache.layers.layernorm import rms_norm as _m2_rms_norm
+
+TILE_ELEMENTS = 4096  # elements one program normalizes at once (rows x padded row width)
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """m2's RMSNorm: norm(x), or with `residual`: (norm(x + residual), x + residual)."""
+    if residual is None:
+        return _m2_rms_norm(x, weight, eps)
+    residual = x + residual
+    return _m2_rms_norm(residual, weight, eps), residual
+
+
+@triton.jit
+def _rms_norm_kernel(
+    out_ptr,  # (num_rows, N) contiguous
+    residual_out_ptr,  # (num_rows, N) contiguous; the sum x + residual (HAS_RESIDUAL only)
+    x_ptr,  # row r = (token r // num_heads, head r % num_heads) at token * stride_t + head * stride_h
+    residual_ptr,  # (num_rows, N) contiguous (HAS_RESIDUAL only)
+    weight_ptr,  # (N,)
+    num_rows,
+    num_heads,
+    stride_t,
+    stride_h,
+    eps,
+    N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # N rounded up to a power of two
+    BLOCK_R: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < num_rows)[:, None] & (cols < N)[None, :]
+    rows = rows.to(tl.int64)
+    x_offsets = (rows // num_heads * stride_t + rows % num_heads * stride_h)[:, None] + cols[None, :]
+    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
+    dtype = x.dtype
+    x = x.to(tl.float32)
+    dense = rows[:, None] * N + cols[None, :]  # offsets in the contiguous outputs
+    if HAS_RESIDUAL:
+        # Round the sum to the model dtype before normalizing, as the separate torch add would.
+        x = (x + tl.load(residual_ptr + dense, mask=mask, other=0.0).to(tl.float32)).to(dtype)
+        tl.store(residual_out_ptr + dense, x, mask=mask)
+        x = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)  # (BLOCK_R,)
+    w = tl.load(weight_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    # HF casts the normalized value back to the input dtype before the weight multiplies it.
+    y = (x * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
+    tl.store(out_ptr + dense, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `rms_norm_ref`. x: (num_tokens, N) or (num_tokens, num_heads, N) with a
+    contiguous last dimension; residual (with the same shape, contiguous) only for 2-D x.
+    Returns new contiguous tensors; x and residual are not modified."""
+    assert x.stride(-1) == 1 and weight.shape == (x.shape[-1],), (x.stride(), weight.shape)
+    assert x.dim() in (2, 3) and (residual is None or x.dim() == 2)
+    num_tokens, n = x.shape[0], x.shape[-1]
+    num_heads = x.shape[1] if x.dim() == 3 else 1
+    stride_h = x.stride(1) if x.dim() == 3 else 0
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = out
+    if residual is not None:
+        assert residual.shape == x.shape and residual.is_contiguous(), (residual.shape, x.shape)
+        residual_out = torch.empty_like(out)
+    num_rows = num_tokens * num_heads
+    if num_rows:
+        block_n = triton.next_power_of_2(n)
+        block_r = min(max(1, TILE_ELEMENTS // block_n), triton.next_power_of_2(num_rows))
+        _rms_norm_kernel[(triton.cdiv(num_rows, block_r),)](
+            out, residual_out, x, residual if residual is not None else out, weight,
+            num_rows, num_heads, x.stride(0), stride_h, eps,
+            N=n, BLOCK_N=block_n, BLOCK_R=block_r, HAS_RESIDUAL=residual is not None,
+        )  # fmt: skip
+    return out if residual is None else (out, residual_out)
