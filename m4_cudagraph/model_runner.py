@@ -3,7 +3,9 @@
 Decode steps of small models are bound by kernel-launch overhead: one step launches a few
 hundred small kernels, each costing several microseconds of CPU time, while the GPU work per
 kernel is tiny. A CUDA graph records the whole step once (per batch-size bucket) and replays it
-with a single launch. Prefill steps are not captured: their shapes (token counts) vary too much.
+with a single launch. Steps with prefill work replay a "mixed" graph keyed by their padded token
+count when they are small (mixed_batch.py: the few new tokens of a prefix-cache hit, say); large
+prefills run eagerly, where the matmuls, not the launches, take the time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from m3_paged.model_runner import ModelRunner as PagedModelRunner
 from m3_paged.scheduler import SchedulerOutput
 from m4_cudagraph.buckets import capture_sizes, pick_bucket
 from m4_cudagraph.fused_layers import fused_layers_for
+from m4_cudagraph.mixed_batch import MixedBuffers, mixed_capture_sizes
 from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs
 
 logger = init_logger(__name__)
@@ -33,7 +36,16 @@ class ModelRunner(PagedModelRunner):
         self.buffers = DecodeBuffers.allocate(
             self.capture_sizes[-1], mc.max_model_len, self.block_size, self.device
         )
+        sc = config.scheduler_config
+        self.mixed_sizes = mixed_capture_sizes(sc.max_num_batched_tokens)
+        self.mixed_buffers = MixedBuffers.allocate(
+            max(self.mixed_sizes, default=0),
+            self.mixed_num_seqs(max(self.mixed_sizes, default=0)),
+            self.buffers.max_blocks_per_seq,
+            self.device,
+        )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_logits: torch.Tensor | None = None  # (max_bs, vocab): every graph writes its rows here
         self.graph_pool = None
         # Static (padded, fixed-address) decode: always with graphs; tests may turn it on on a CPU.
@@ -73,6 +85,27 @@ class ModelRunner(PagedModelRunner):
         hidden = self.model(self.buffers.input_ids[:bs], md.positions, md)  # (bs, hidden_size)
         return self.model.compute_logits(hidden)  # every row is its sequence's last token
 
+    def mixed_num_seqs(self, num_tokens: int) -> int:
+        """Sequences a mixed graph of num_tokens tokens has room for (each brings >= 1 token)."""
+        return min(num_tokens, self.config.scheduler_config.max_num_seqs)
+
+    def forward_mixed_static(self, num_tokens: int) -> torch.Tensor:
+        """One step of `num_tokens` (padded) tokens with prefill work, read from the mixed buffers:
+        (mixed_num_seqs(num_tokens), vocab) logits at each sequence's last token."""
+        num_seqs, b = self.mixed_num_seqs(num_tokens), self.mixed_buffers
+        md = b.metadata(num_tokens, num_seqs, self.config.model_config.max_model_len, self.block_size)
+        hidden = self.model(b.input_ids[:num_tokens], md.positions, md)  # (num_tokens, hidden_size)
+        return self.model.compute_logits(hidden[b.last_token_indices[:num_seqs]])
+
+    def _capture(self, forward, rows: int) -> torch.cuda.CUDAGraph:
+        forward()  # warm-up: Triton compiles, cuBLAS picks its kernels
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            self.graph_logits[:rows].copy_(forward())
+        self.graph_pool = self.graph_pool or graph.pool()
+        return graph
+
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:
         """Largest bucket first, all graphs in one memory pool. Each graph copies its logits into
@@ -83,35 +116,51 @@ class ModelRunner(PagedModelRunner):
         self.graph_logits = torch.empty(
             self.capture_sizes[-1], vocab, dtype=self.config.model_config.torch_dtype, device=self.device
         )
+        for num_tokens in reversed(self.mixed_sizes):
+            self.mixed_graphs[num_tokens] = self._capture(
+                lambda t=num_tokens: self.forward_mixed_static(t), self.mixed_num_seqs(num_tokens)
+            )
         for bs in reversed(self.capture_sizes):
-            self.forward_decode_static(bs)  # warm-up: Triton compiles, cuBLAS picks its kernels
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                self.graph_logits[:bs].copy_(self.forward_decode_static(bs))
-            self.graph_pool = self.graph_pool or graph.pool()
-            self.graphs[bs] = graph
+            self.graphs[bs] = self._capture(lambda bs=bs: self.forward_decode_static(bs), bs)
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
         self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
         logger.info(
-            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s, using %.0f MiB",
-            len(self.graphs), self.capture_sizes, self.capture_seconds, self.graph_memory_bytes / 2**20,
+            "captured %d decode CUDA graphs (batch sizes %s) and %d mixed ones (token counts %s) in "
+            "%.1f s, using %.0f MiB",
+            len(self.graphs), self.capture_sizes, len(self.mixed_graphs), self.mixed_sizes,
+            self.capture_seconds, self.graph_memory_bytes / 2**20,
         )  # fmt: skip
 
     # ---- execution -------------------------------------------------------------------------------
     def decode_bucket(self, so: SchedulerOutput) -> int | None:
-        """The bucket to replay, or None to run eagerly: a step with any prefill (explicit flag)
-        or a batch larger than every bucket."""
+        """The decode bucket to replay, or None: a step with any prefill (explicit flag), a batch
+        larger than every bucket, or no static path at all."""
         if not self.use_static_decode or any(s.is_prefill for s in so.seqs):
             return None
         return pick_bucket(self.capture_sizes, len(so.seqs))
 
+    def mixed_bucket(self, so: SchedulerOutput) -> int | None:
+        """The mixed graph for a step with prefill work, or None to run it eagerly (too many tokens
+        or sequences for every mixed graph, or no static path at all)."""
+        if not self.use_static_decode:
+            return None
+        bucket = pick_bucket(self.mixed_sizes, sum(so.num_scheduled_tokens))
+        if bucket is None or len(so.seqs) > self.mixed_num_seqs(bucket):
+            return None
+        return bucket
+
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> torch.Tensor:
         bucket = self.decode_bucket(so)
-        if bucket is None:
-            return super().execute_model(so)
+        if bucket is not None:
+            return self.execute_decode(so, bucket)
+        mixed = self.mixed_bucket(so) if any(s.is_prefill for s in so.seqs) else None
+        if mixed is not None:
+            return self.execute_mixed(so, mixed)
+        return super().execute_model(so)
+
+    def execute_decode(self, so: SchedulerOutput, bucket: int) -> torch.Tensor:
         self.copy_blocks(so.block_copies)
         host = host_decode_inputs(so.seqs, bucket, self.block_size, self.buffers.max_blocks_per_seq)
         for name, tensor in host.items():
@@ -125,4 +174,16 @@ class ModelRunner(PagedModelRunner):
         else:  # static decode without a graph (CPU tests): the same padded computation, eagerly
             logits = self.forward_decode_static(bucket)
         # A copy: the shared graph buffer is overwritten by the next replay.
+        return logits[: len(so.seqs)].to(torch.float32, copy=True)
+
+    def execute_mixed(self, so: SchedulerOutput, num_tokens: int) -> torch.Tensor:
+        self.copy_blocks(so.block_copies)
+        input_ids, md = self.prepare_inputs(so)  # m3's inputs, then padded into the fixed buffers
+        num_seqs = self.mixed_num_seqs(num_tokens)
+        self.mixed_buffers.fill(input_ids, md, num_tokens, num_seqs)
+        if num_tokens in self.mixed_graphs:
+            self.mixed_graphs[num_tokens].replay()
+            logits = self.graph_logits[:num_seqs]
+        else:  # CPU tests: the same padded computation, eagerly
+            logits = self.forward_mixed_static(num_tokens)
         return logits[: len(so.seqs)].to(torch.float32, copy=True)

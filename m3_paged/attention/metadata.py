@@ -24,6 +24,8 @@ class PagedAttentionMetadata(AttentionMetadata):
     block_tables: torch.Tensor  # (num_seqs, max_num_blocks) int32, padded with 0 (never read)
     slot_mapping: torch.Tensor  # (num_tokens,) int64: where each new token's K/V is written; -1 = nowhere
     block_size: int
+    # KV splits for the Triton kernel; None = its own choice from this batch (m4's graphs fix it).
+    num_splits: int | None = None
 
     @classmethod
     def build_paged(

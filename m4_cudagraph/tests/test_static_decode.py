@@ -36,6 +36,24 @@ def test_static_decode_with_sampling_and_forks(qwen3_dir):
     assert _tokens(llm.generate(PROMPTS[:2], params, use_tqdm=False)) == expected
 
 
+def test_mixed_static_steps_equal_m3_with_prefix_cache_and_chunks(qwen3_dir):
+    """Steps with prefill work (prompt chunks next to decode rows, prefix-cache hits leaving a few
+    new tokens) take the padded mixed path on CPU too, and give m3's tokens."""
+    shared = list(range(40, 88))  # 48 tokens = 12 blocks of 4 shared by every prompt
+    prompts = [shared + [5 + i] * (1 + 3 * i) for i in range(5)] + [[9, 8, 7]]
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    kw = dict(block_size=4, max_num_batched_tokens=64, enable_prefix_caching=True, max_num_seqs=6)
+    expected = _tokens(m3_paged.LLM(qwen3_dir, **kw).generate(prompts, sp, use_tqdm=False))
+    llm = LLM(qwen3_dir, **kw)
+    runner = llm.llm_engine.model_runner
+    runner.use_static_decode = True
+    mixed_steps = []
+    original = runner.execute_mixed
+    runner.execute_mixed = lambda so, n: mixed_steps.append((len(so.seqs), n)) or original(so, n)
+    assert _tokens(llm.generate(prompts, sp, use_tqdm=False)) == expected
+    assert len(mixed_steps) >= 3 and any(seqs > 1 for seqs, _ in mixed_steps), mixed_steps
+
+
 # ---- GPU: real graphs -------------------------------------------------------------------------
 
 
