@@ -3,7 +3,7 @@
 Each class subclasses m2's layer (same constructor, same parameters and buffers, so checkpoints load
 unchanged) and overrides only `forward` with one Triton kernel instead of a chain of torch ops. A
 CUDA graph removes the CPU cost of launching kernels, not the GPU's cost of running each one: a
-decode step of Qwen3-0.6B went from ~60 kernels per layer to ~12 with these (docs/benchmarks.md).
+decode step of Qwen3-0.6B went from ~60 kernels per layer to ~11 with these (docs/benchmarks.md).
 
 They are used on CUDA (`fused_layers_for`); on a CPU the kernels would run in Triton's slow
 interpreter, so the torch layers stay there (the tests still compare both).
@@ -33,9 +33,14 @@ class FusedSiluAndMul(SiluAndMul):
 
 
 class FusedRotaryEmbedding(RotaryEmbedding):
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """In place on q and k (views into the qkv projection, read by nothing else)."""
-        return rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+    def forward(self, positions, q, k, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
+        """In place on q and k (views into the qkv projection, read by nothing else); Qwen3's
+        per-head norms run in the same kernel."""
+        qk_norm = None
+        if q_norm is not None:
+            assert q_norm.eps == k_norm.eps, (q_norm.eps, k_norm.eps)
+            qk_norm = (q_norm.weight, k_norm.weight, q_norm.eps)
+        return rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache, qk_norm)
 
 
 def fused_layers(base: ModelLayers | None = None) -> ModelLayers:

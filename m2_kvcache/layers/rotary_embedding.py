@@ -101,10 +101,21 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (num_tokens,); q: (num_tokens, num_heads, head_dim); k: (num_tokens, num_kv_heads,
-        head_dim). cos/sin are cast to q's dtype first, as transformers does."""
+        head_dim). cos/sin are cast to q's dtype first, as transformers does.
+
+        q_norm, k_norm (Qwen3): RMSNorms applied to every q / k head before the rotation. They are
+        passed here, not applied by the caller, so that a fused implementation (m4) can normalize
+        and rotate in one kernel."""
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # (num_tokens, 1, head_dim // 2)
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

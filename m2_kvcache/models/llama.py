@@ -94,9 +94,10 @@ class LlamaAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # (num_tokens, num_heads, head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, num_kv_heads, head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:  # Qwen3 normalizes each head before the rotation
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        # Qwen3 normalizes each head before the rotation (the rotary layer applies the norms, so
+        # that m4 can do both in one kernel).
+        norms = (self.q_norm, self.k_norm) if self.qk_norm else ()
+        q, k = self.rotary_emb(positions, q, k, *norms)
         return self.o_proj(self.attn(q, k, v, attn_metadata))  # (num_tokens, hidden_size)
 
 
