@@ -45,8 +45,8 @@ from .paged_attention_ref import paged_attention_ref
 
 __all__ = ["choose_num_splits", "paged_attention", "paged_attention_ref"]
 
-SPLIT_MIN_TOKENS = 512  # each split reads at least this many keys: shorter contexts are not split
-MAX_SPLITS = 16  # the merge pass reads num_splits partial rows per output row
+SPLIT_MIN_TOKENS = 256  # each split reads at least this many keys: shorter contexts are not split
+MAX_SPLITS = 32  # the merge pass reads num_splits partial rows per output row
 
 
 def choose_num_splits(
