@@ -17,9 +17,17 @@ Two ways to get the ranks:
   then exits the process (SystemExit(0)). This is how the engine spans several machines.
 
 Failures: a worker reports its exception through a pipe before it exits; the driver's collective
-with it then fails at once (its sockets close), and the driver raises a RuntimeError naming the
-rank and the error, after stopping every worker. Shutdown (explicit, on garbage collection or at
-interpreter exit) asks the workers to leave their loop, then joins, terminates and kills them.
+with it then fails, and the driver raises a RuntimeError naming the rank and the error, after
+stopping every worker. With gloo that collective fails at once (its sockets close). With NCCL it
+does not: the driver sits in a CUDA call while an NCCL kernel on its GPU waits for the dead rank's
+half of an all-reduce, for as long as the collective timeout (minutes). So on NCCL a monitor
+thread watches the worker processes and aborts the communicator when one ends unasked
+(`watch_workers`): the kernel returns, the driver's next collective fails, and the usual report
+follows. Shutdown (explicit, on garbage collection or at interpreter exit) asks the workers to
+leave their loop, then joins, terminates and kills them; after a failure it aborts NCCL rather
+than waiting for collectives that will never complete. Every rank destroys its CUDA graphs before
+its communicator: NCCL (2.26 and later) waits for the graphs that captured its collectives to go
+first, forever if they never do.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -43,6 +52,7 @@ from m0_config.config import EngineConfig
 from m0_config.logger import init_logger
 from m2_kvcache.attention.kv_cache import KVCacheUsage
 from m3_paged.scheduler import SchedulerOutput
+from m5_tp.hang_dump import arm_hang_dump, disarm_hang_dump, hang_dump_seconds
 from m5_tp.parallel_state import TensorParallelGroup, file_store, init_tensor_parallel_group
 from m5_tp.partition import check_devices, check_tensor_parallel
 from m5_tp.step_input import StepInput
@@ -78,10 +88,44 @@ class WorkerHandles:
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # rank -> (summary, traceback)
     group: TensorParallelGroup | None = None
     tmpdir: str | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)  # workers may end from now on
+    hang_dump_s: float | None = None
+    driver_runner: Any = None  # rank 0's ModelRunner: its CUDA graphs go before the communicator
+
+
+def watch_workers(handles: WorkerHandles, on_exit: Callable[[int], None]) -> None:
+    """Until the engine stops: when a worker process ends unasked, on_exit(rank). Runs in a daemon
+    thread of the driver and returns once every worker has ended (a stopping engine ends them all).
+    It only watches the processes' sentinels: reaping them (their exit codes) is left to the main
+    thread, which reports the failure."""
+    sentinels = {p.sentinel: rank for rank, p in enumerate(handles.processes, start=1)}
+    while sentinels:
+        for sentinel in wait(list(sentinels)):
+            rank = sentinels.pop(sentinel)
+            if not handles.stopping.is_set():
+                on_exit(rank)
+
+
+def abort_on_worker_exit(group: TensorParallelGroup) -> Callable[[int], None]:
+    """The monitor's reaction on NCCL: say which rank ended, then abort the communicator, so that a
+    driver blocked on an NCCL kernel waiting for that rank gets control back and reports it."""
+
+    def on_exit(rank: int) -> None:
+        logger.error(
+            "tensor-parallel worker rank %d ended while the engine runs; aborting NCCL so that rank 0 "
+            "does not wait for it", rank,
+        )  # fmt: skip
+        with contextlib.suppress(Exception):  # already aborted or shut down: nothing left to release
+            group.abort()
+
+    return on_exit
 
 
 def stop_workers(handles: WorkerHandles, graceful: bool = True) -> None:
-    """Ask the workers to leave their loop (graceful), then join, terminate and kill what remains."""
+    """Ask the workers to leave their loop (graceful), then join, terminate and kill what remains;
+    then release rank 0's CUDA graphs and, after them, its communicators."""
+    handles.stopping.set()
+    arm_hang_dump(handles.hang_dump_s)  # the stop counts as a step: a hang in it dumps the stacks
     group = handles.group
     if graceful and group is not None and group.world_size > 1:
         with contextlib.suppress(Exception):  # a broken group: the processes are stopped below
@@ -96,10 +140,16 @@ def stop_workers(handles: WorkerHandles, graceful: bool = True) -> None:
             p.join()
     for pipe in handles.pipes:
         pipe.close()
+    runner, handles.driver_runner = handles.driver_runner, None
+    if runner is not None:
+        # Before the communicator (NCCL waits for graphs that captured its collectives, also in an
+        # abort). Garbage collection and interpreter exit get here with rank 0's runner still alive.
+        runner.release_cudagraphs()
     if group is not None:
-        group.shutdown()
+        group.shutdown(graceful)
     if handles.tmpdir:
         shutil.rmtree(handles.tmpdir, ignore_errors=True)
+    disarm_hang_dump(handles.hang_dump_s)
 
 
 class MultiprocExecutor:
@@ -107,7 +157,8 @@ class MultiprocExecutor:
         self.config = config
         self.tp_size = config.parallel_config.tensor_parallel_size
         check_tensor_parallel(config.model_config.hf_config, self.tp_size)
-        self.handles = WorkerHandles()
+        self.handles = WorkerHandles(hang_dump_s=hang_dump_seconds())
+        arm_hang_dump(self.handles.hang_dump_s)  # start-up (load, profile, capture) counts as a step
         self._finalizer = weakref.finalize(self, stop_workers, self.handles)
         self.driver_worker: Worker | None = None
         if launched_by_torchrun(self.tp_size):
@@ -117,6 +168,7 @@ class MultiprocExecutor:
         self.handles.group = group
         with self._guard(check_alive=False):
             self.driver_worker = Worker(config, group)
+        self.handles.driver_runner = self.driver_worker.model_runner
 
     # ---- start-up --------------------------------------------------------------------------------
     def _start_workers(self) -> TensorParallelGroup:
@@ -145,7 +197,15 @@ class MultiprocExecutor:
                 self.handles.pipes.append(receiver)
             self._wait_started()
             logger.info("tensor parallelism: %d ranks (%s), workers started", tp, backend)
-            return init_tensor_parallel_group(file_store(store_path, tp), 0, tp, backend)
+            group = init_tensor_parallel_group(file_store(store_path, tp), 0, tp, backend)
+        if group.device_group is not group.cpu_group:  # NCCL: a dead peer would not be noticed
+            threading.Thread(
+                target=watch_workers,
+                args=(self.handles, abort_on_worker_exit(group)),
+                name="folovllm-tp-monitor",
+                daemon=True,
+            ).start()
+        return group
 
     def _wait_started(self) -> None:
         """Block until every worker says it reached the rendezvous; raise as soon as one fails."""
@@ -185,8 +245,9 @@ class MultiprocExecutor:
             store, rank, world_size, config.parallel_config.distributed_backend
         )
         if rank != 0:
-            Worker(config, group).run_loop()
-            group.shutdown()
+            worker = Worker(config, group)
+            worker.run_loop()
+            worker.close()
             raise SystemExit(0)
         logger.info("tensor parallelism under torchrun: %d ranks; this process is the driver", world_size)
         return group
@@ -194,6 +255,7 @@ class MultiprocExecutor:
     # ---- the model runner's interface --------------------------------------------------------------
     def execute_model(self, so: SchedulerOutput) -> torch.Tensor:
         """Send the step to the workers, run rank 0's shard; logits (num_seqs, vocab) from the gather."""
+        arm_hang_dump(self.handles.hang_dump_s)
         with self._guard():
             if self.tp_size > 1:
                 self.handles.group.broadcast_object(("execute_model", StepInput.from_scheduler_output(so)))

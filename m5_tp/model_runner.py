@@ -10,6 +10,8 @@ Three things change, all small:
 
 Everything else (inputs, attention metadata, copy-on-write, CUDA graphs) is inherited: the ranks
 run identical code on identical inputs, and the collectives inside the layers keep them in step.
+One addition: the graphs hold on to the NCCL communicator they captured collectives of, so they
+must be released before it is shut down (`release_cudagraphs`).
 """
 
 from __future__ import annotations
@@ -43,3 +45,25 @@ class ModelRunner(BaseModelRunner):
     def determine_num_blocks(self) -> int:
         """The smallest number of blocks any rank can hold (ranks may differ in free memory)."""
         return self.tp_group.all_reduce_min(super().determine_num_blocks())
+
+    def capture_cudagraphs(self) -> None:
+        """m4's capture; if it fails part-way, the graphs already captured are released before the
+        error leaves (the driver then aborts NCCL, which would wait for them)."""
+        try:
+            super().capture_cudagraphs()
+        except BaseException:
+            self.release_cudagraphs()
+            raise
+
+    def release_cudagraphs(self) -> None:
+        """Destroy this rank's CUDA graphs now; later steps run eagerly. Call it before the
+        communicators are shut down: from NCCL 2.26 on, finalizing and even aborting a communicator
+        waits until every graph that captured one of its collectives has been destroyed, so one
+        still alive then (in a runner that garbage collection has not reached yet) hangs the
+        process for good."""
+        for graphs in (self.graphs, getattr(self, "mixed_graphs", {})):
+            for graph in graphs.values():
+                graph.reset()
+            graphs.clear()
+        self.graph_pool = None
+        self.use_static_decode = False

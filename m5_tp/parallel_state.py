@@ -124,12 +124,27 @@ class TensorParallelGroup:
             opts.timeout = timeout
         self.cpu_group.broadcast([t], opts).wait()
 
-    def shutdown(self) -> None:
-        """Release NCCL communicators now rather than at garbage collection (a no-op for gloo)."""
+    def shutdown(self, graceful: bool = True) -> None:
+        """Release NCCL communicators now rather than at garbage collection (a no-op for gloo).
+
+        graceful: NCCL's shutdown first waits for every collective already launched, which is right
+        at a normal end. After a failure a peer may never launch its half of one, and that wait
+        would never end: abort instead."""
+        if not graceful:
+            return self.abort()
         if self.world_size > 1 and self.device_group is not self.cpu_group:
             shutdown = getattr(self.device_group, "shutdown", None)
             if shutdown is not None:
                 shutdown()
+
+    def abort(self) -> None:
+        """Abort the NCCL communicators (a no-op for gloo, which notices a dead peer by itself):
+        kernels waiting for a peer return at once, and later collectives raise. Safe to call from
+        another thread while this rank is blocked in a collective: that is what it is for."""
+        if self.world_size > 1 and self.device_group is not self.cpu_group:
+            abort = getattr(self.device_group, "abort", None)
+            if abort is not None:
+                abort()
 
 
 def init_tensor_parallel_group(

@@ -65,6 +65,49 @@ def fail_on_rank_1(worker):
         raise ValueError("injected fault")
 
 
+class CollectiveRecorder:
+    """Stands in for a rank's device group: logs each collective (its name and the shapes and
+    dtypes of its inputs, the last list argument), then runs it."""
+
+    def __init__(self, group, log: list):
+        self.group, self.log = group, log
+
+    def __getattr__(self, name):
+        method = getattr(self.group, name)
+
+        def record(*args):
+            inputs = [a for a in args if isinstance(a, list)][-1]
+            self.log.append((name, tuple((tuple(t.shape), t.dtype) for t in inputs)))
+            return method(*args)
+
+        return record
+
+
+def _logged(log: list, name: str, choose):
+    def choice(so):
+        log.append((name, choose(so), len(so.seqs), sum(so.num_scheduled_tokens)))
+        return log[-1][1]
+
+    return choice
+
+
+def record_collectives(worker, on: bool):
+    """Start recording this rank's model collectives and graph choices (m4's decode bucket and
+    mixed-batch bucket, where the runner has one); stop and return them."""
+    runner, group = worker.model_runner, worker.tp_group
+    choices = [name for name in ("decode_bucket", "mixed_bucket") if hasattr(runner, name)]
+    if on:
+        worker.collective_log = log = []
+        object.__setattr__(group, "device_group", CollectiveRecorder(group.device_group, log))  # frozen
+        for name in choices:
+            setattr(runner, name, _logged(log, name, getattr(runner, name)))
+        return None
+    object.__setattr__(group, "device_group", group.device_group.group)
+    for name in choices:
+        delattr(runner, name)  # back to the class's method
+    return worker.collective_log
+
+
 @pytest.fixture(scope="module")
 def tp2(qwen3_dir):
     with LLM(qwen3_dir, tensor_parallel_size=2, **CHUNKED) as llm:
@@ -126,6 +169,29 @@ def test_static_decode_path_of_m4_on_every_rank(tp2, m4_greedy):
         tp2.collective_rpc(set_static_decode, (False,))
 
 
+def test_ranks_launch_the_same_collectives_in_the_same_order(tp2):
+    """What NCCL needs (and CUDA graphs, which replay the collectives they captured): every rank
+    launches the same collectives, with the same shapes and dtypes, in the same order, and picks the
+    same decode bucket, through chunked prefill, sampling and m4's padded decode (a graph's path).
+    A decision taken from one rank's own state would show here as a difference."""
+    prompts = [[(13 * i + 7 * j) % 480 for j in range(5 + 9 * i % 37)] for i in range(7)]
+    params = [
+        SamplingParams(temperature=0.6, seed=i, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(7)
+    ]
+    tp2.collective_rpc(set_static_decode, (True,))
+    tp2.collective_rpc(record_collectives, (True,))
+    try:
+        tp2.generate(["Benchmark: "], SamplingParams(max_tokens=5), use_tqdm=False)  # the warm-up request
+        tp2.generate(prompts, params, use_tqdm=False)
+    finally:
+        driver, worker = tp2.collective_rpc(record_collectives, (False,))
+        tp2.collective_rpc(set_static_decode, (False,))
+    decode = [entry for entry in driver if entry[0] == "decode_bucket"]
+    assert sum(b[1] is None for b in decode) > 3 and sum(b[1] is not None for b in decode) > 10
+    assert {"allreduce", "gather", "decode_bucket"} <= {name for name, *_ in driver}
+    assert driver == worker
+
+
 def test_llama_tp2_context_manager_stops_workers(toy_model_dir):
     model_dir = toy_model_dir("llama")  # untied LM head: its own vocabulary shards
     with LLM(model_dir, tensor_parallel_size=2, block_size=4) as llm:
@@ -160,7 +226,7 @@ def test_tp4_replicates_kv_heads_and_a_killed_worker_surfaces(qwen3_dir, m4_gree
     assert not any(p.is_alive() for p in workers)
 
 
-def test_two_engines_side_by_side_then_a_worker_raises(tp2, qwen3_dir, m4_greedy):
+def test_two_engines_side_by_side_then_a_worker_raises(tp2, qwen3_dir, m4_greedy, capfd):
     other = LLM(qwen3_dir, tensor_parallel_size=2, **SMALL_POOL)
     workers = _workers(other)
     for llm in (other, tp2, other):  # interleaved: each engine's collectives stay in its own groups
@@ -170,6 +236,8 @@ def test_two_engines_side_by_side_then_a_worker_raises(tp2, qwen3_dir, m4_greedy
     with pytest.raises(RuntimeError, match="worker rank 1 failed: ValueError: injected fault"):
         other.collective_rpc(fail_on_rank_1)
     assert not any(p.is_alive() for p in workers)
+    # The worker logged it too: with NCCL a driver blocked on the GPU reads the pipe only later.
+    assert "tensor-parallel worker rank 1 failed" in capfd.readouterr().err
     with pytest.raises(RuntimeError, match="has been shut down"):
         other.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
     assert _tokens(tp2.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == m4_greedy[:2]  # unaffected
