@@ -19,6 +19,7 @@ Decoding a small window (a few tokens of context) keeps each step O(1).
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 from m0_config.sampling_params import SamplingParams
@@ -168,13 +169,23 @@ class Detokenizer:
         decode of the longest prefix of the output that does not end mid-character (normally all
         of it). `drop_last` leaves out a final stop token whose text the stop checker would cut."""
         ids = seq.data.output_token_ids[:-1] if drop_last else seq.data.output_token_ids
+        skip = params.skip_special_tokens
         context, prefix_offset, read_offset = self.convert_prompt_ids_to_tokens(
-            list(seq.data.prompt_token_ids), params.skip_special_tokens
+            list(seq.data.prompt_token_ids[-INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET - 2 :]), skip
         )
         prefix_text = self.convert_tokens_to_string(context[prefix_offset:read_offset], params)
+        # Each id gives one token string, or none when it is a skipped special token, so the tokens
+        # of ids[:end] are the first num_tokens[end] of `tokens`: convert once, not once per end
+        # tried (trailing tokens that keep the text unfinished made that quadratic).
+        tokens = context + self.convert_ids_to_tokens(ids, skip)
+        num_tokens = [0, *itertools.accumulate(0 if skip and i in self.special_ids else 1 for i in ids)]
+        tried = None
         for end in range(len(ids), 0, -1):
-            tokens = context + self.convert_ids_to_tokens(ids[:end], params.skip_special_tokens)
-            full = self.convert_tokens_to_string(tokens[prefix_offset:], params)
+            n = len(context) + num_tokens[end]  # the tokens of context + ids[:end]
+            if n == tried:  # the same tokens as the end just tried: the same unfinished text
+                continue
+            tried = n
+            full = self.convert_tokens_to_string(tokens[prefix_offset:n], params)
             if not full.endswith(REPLACEMENT_CHAR):
                 return full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
         return ""

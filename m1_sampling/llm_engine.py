@@ -95,38 +95,58 @@ class LLMEngine:
         return [self._make_output(req) for req in self.scheduler.pop_finished_requests()]
 
     def _sample_and_append(self, scheduler_output: SchedulerOutput, logits: torch.Tensor) -> None:
-        rows = [i for i, keep in enumerate(scheduler_output.samples) if keep]
-        if not rows:
-            return
-        seqs = [scheduler_output.seqs[i] for i in rows]
-        params = [scheduler_output.sampling_params[i] for i in rows]
+        seqs, params = scheduler_output.seqs, scheduler_output.sampling_params
+        if not all(scheduler_output.samples):  # a non-final prefill chunk samples nothing
+            rows = [i for i, keep in enumerate(scheduler_output.samples) if keep]
+            if not rows:
+                return
+            seqs, params, logits = [seqs[i] for i in rows], [params[i] for i in rows], logits[rows]
+        generators = self.generators  # only seeded requests have one
         metadata = SamplingMetadata.from_sequences(
             seqs,
             params,
-            [self.generators.get(s.seq_id) for s in seqs],
+            [generators.get(s.seq_id) for s in seqs] if generators else [None] * len(seqs),
             self.eos_token_ids,
             self.model_runner.vocab_size,
             logits.device,
         )
-        out = self.sampler(logits[rows], metadata)
+        out = self.sampler(logits, metadata)
         self._append_tokens(seqs, params, out)
 
     def _append_tokens(self, seqs: list[Sequence], params: list[SamplingParams], out: SamplerOutput) -> None:
-        token_ids, logprobs, ranks = out.sampled_token_ids.tolist(), out.logprobs.tolist(), out.ranks.tolist()
-        no_topk = [[] for _ in seqs]
+        # Each .tolist() is a device-to-host copy and a wait for the GPU: two per step, more only
+        # when a row asked for logprobs.
+        token_ids, logprobs = out.sampled_token_ids.tolist(), out.logprobs.tolist()
+        if out.ranks is None:  # no row asked for logprobs
+            entries = [None] * len(seqs)
+        else:
+            entries = self._logprob_entries(params, token_ids, logprobs, out)
+        for seq, sp, token_id, logprob, entry in zip(seqs, params, token_ids, logprobs, entries):
+            seq.append_token_id(token_id, logprob, entry)
+            # Text is needed during generation only to find stop strings or name logprob tokens;
+            # otherwise it is decoded once when the request finishes (see _completion).
+            new_chars = self.detokenizer.decode_sequence_inplace(seq, sp) if needs_text_each_step(sp) else 0
+            self.stop_checker.maybe_stop_sequence(seq, new_chars, sp)
+
+    @staticmethod
+    def _logprob_entries(
+        params: list[SamplingParams], token_ids: list[int], logprobs: list[float], out: SamplerOutput
+    ) -> list[dict[int, Logprob] | None]:
+        """Row i's {token_id: Logprob} for its top `logprobs` tokens and the chosen one, or None
+        when the row did not ask for logprobs."""
+        ranks = out.ranks.tolist()
+        no_topk = [[] for _ in params]
         topk_ids = out.topk_token_ids.tolist() if out.topk_token_ids is not None else no_topk
         topk_lps = out.topk_logprobs.tolist() if out.topk_logprobs is not None else no_topk
-        for i, (seq, sp) in enumerate(zip(seqs, params)):
+        entries = []
+        for i, sp in enumerate(params):
             entry = None
             if sp.logprobs is not None:
                 top = zip(topk_ids[i][: sp.logprobs], topk_lps[i][: sp.logprobs])
                 entry = {tok: Logprob(lp, rank=r + 1) for r, (tok, lp) in enumerate(top)}
                 entry[token_ids[i]] = Logprob(logprobs[i], rank=ranks[i])
-            seq.append_token_id(token_ids[i], logprobs[i], entry)
-            # Text is needed during generation only to find stop strings or name logprob tokens;
-            # otherwise it is decoded once when the request finishes (see _completion).
-            new_chars = self.detokenizer.decode_sequence_inplace(seq, sp) if needs_text_each_step(sp) else 0
-            self.stop_checker.maybe_stop_sequence(seq, new_chars, sp)
+            entries.append(entry)
+        return entries
 
     # ---- outputs -------------------------------------------------------------------------------
     def _make_output(self, req: Request) -> RequestOutput:

@@ -16,6 +16,12 @@ Order of operations (vLLM V1's `Sampler.forward`):
 Step 8 is the exponential race (equivalently the Gumbel-max trick): token i wins with probability
 p_i / sum(p), exactly the categorical distribution, without a multinomial call and with the
 randomness of each row drawn from a known source, so a seeded row is independent of its batch.
+
+On a GPU every op below is a kernel launch over the (num_seqs, vocab_size) logits, so a step skips
+what its batch does not use (the metadata's flags and None tensors). A batch that only sets
+temperatures runs eight: log_softmax and a gather (the chosen token's logprob, for the cumulative
+logprob), logits / T, softmax, the exponential draw and its clamp, p / q and argmax. Ranks and
+top-k logprobs are computed only when a row asks for logprobs.
 """
 
 from __future__ import annotations
@@ -32,8 +38,10 @@ from m1_sampling.sampling_metadata import SamplingMetadata
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # (num_seqs,) int64
     logprobs: torch.Tensor  # (num_seqs,) float32: log p(chosen token) under log_softmax(raw logits)
-    ranks: torch.Tensor  # (num_seqs,) int64: tokens with raw logprob >= the chosen one's (1 = the top)
-    topk_token_ids: torch.Tensor | None  # (num_seqs, max_num_logprobs); None when max_num_logprobs == 0
+    # (num_seqs,) int64: tokens with raw logprob >= the chosen one's (1 = the top); None when no row
+    # asked for logprobs (max_num_logprobs is None): only logprob entries report a rank.
+    ranks: torch.Tensor | None
+    topk_token_ids: torch.Tensor | None  # (num_seqs, max_num_logprobs); None unless max_num_logprobs > 0
     topk_logprobs: torch.Tensor | None  # (num_seqs, max_num_logprobs), sorted descending
 
 
@@ -41,8 +49,9 @@ class Sampler(nn.Module):
     """Stateless: everything a step needs is in the `SamplingMetadata` passed to `forward`."""
 
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        # Always a copy, so the in-place masking below never writes into the caller's tensor.
-        logits = logits.to(torch.float32, copy=True)  # (num_seqs, vocab_size)
+        # min_tokens masks in place; every other step makes a new tensor. So the caller's logits are
+        # copied only when that masking happens (or to convert them to float32).
+        logits = logits.to(torch.float32, copy=bool(metadata.min_tokens_stop_ids))  # (num_seqs, vocab_size)
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # (num_seqs, vocab_size)
         logits = apply_min_tokens(logits, metadata.min_tokens_stop_ids)
         if not metadata.no_penalties:
@@ -56,14 +65,10 @@ class Sampler(nn.Module):
         greedy = None if metadata.all_random else logits.argmax(dim=-1)
         if metadata.all_greedy:
             return greedy
-        logits = apply_temperature(logits, metadata.temperatures)
+        logits = apply_temperature(logits, metadata.temperatures, has_greedy_rows=greedy is not None)
         if not metadata.no_min_p:
             logits = apply_min_p(logits, metadata.min_ps)
-        logits = apply_top_k_top_p(
-            logits,
-            None if metadata.no_top_k else metadata.top_ks,
-            None if metadata.no_top_p else metadata.top_ps,
-        )
+        logits = apply_top_k_top_p(logits, metadata.top_ks, metadata.top_ps)  # None: that filter is off
         random = random_sample(logits.softmax(dim=-1), metadata.generators)
         if greedy is None:
             return random
@@ -105,11 +110,15 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.T
     return logits - metadata.presence_penalties.unsqueeze(1) * (output_counts > 0)
 
 
-def apply_temperature(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+def apply_temperature(
+    logits: torch.Tensor, temperatures: torch.Tensor, has_greedy_rows: bool = True
+) -> torch.Tensor:
     """logits / T per row. Greedy rows (T = 0) divide by 1.0: their token was already chosen, and a
-    division by zero would put inf/NaN into the batch."""
-    safe = torch.where(temperatures == 0.0, torch.ones_like(temperatures), temperatures)
-    return logits / safe.unsqueeze(1)
+    division by zero would put inf/NaN into the batch. A batch without greedy rows
+    (`has_greedy_rows=False`) divides directly: the same values, three kernels fewer."""
+    if has_greedy_rows:
+        temperatures = torch.where(temperatures == 0.0, torch.ones_like(temperatures), temperatures)
+    return logits / temperatures.unsqueeze(1)
 
 
 def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
@@ -156,13 +165,17 @@ def random_sample(probs: torch.Tensor, generators: dict[int, torch.Generator]) -
     return probs.div(q).argmax(dim=-1)
 
 
-def make_output(raw_logprobs: torch.Tensor, sampled: torch.Tensor, max_num_logprobs: int) -> SamplerOutput:
-    """The chosen token's raw logprob and rank, plus the top `max_num_logprobs` raw logprobs."""
+def make_output(
+    raw_logprobs: torch.Tensor, sampled: torch.Tensor, max_num_logprobs: int | None
+) -> SamplerOutput:
+    """The chosen token's raw logprob (always: it feeds the cumulative logprob), and when a row
+    asked for logprobs its rank, plus the top `max_num_logprobs` raw logprobs."""
     chosen = raw_logprobs.gather(1, sampled.unsqueeze(1))  # (num_seqs, 1)
-    # vLLM's rank: how many tokens are at least as likely as the chosen one (1 = the most likely).
-    ranks = (raw_logprobs >= chosen).sum(dim=-1)
-    topk_logprobs = topk_token_ids = None
-    if max_num_logprobs > 0:
+    ranks = topk_logprobs = topk_token_ids = None
+    if max_num_logprobs is not None:
+        # vLLM's rank: how many tokens are at least as likely as the chosen one (1 = the most likely).
+        ranks = (raw_logprobs >= chosen).sum(dim=-1)
+    if max_num_logprobs:
         k = min(max_num_logprobs, raw_logprobs.shape[1])
         topk_logprobs, topk_token_ids = raw_logprobs.topk(k, dim=-1)  # sorted descending
     return SamplerOutput(

@@ -8,8 +8,14 @@ Conventions (the sampler relies on them):
 
 - greedy rows have temperature 0 (any temperature below `SAMPLING_EPS` counts as greedy, as in vLLM);
 - a disabled top-k (0 or -1) is stored as `vocab_size`, a disabled top-p as 1.0, a disabled min-p as 0.0;
+- a parameter tensor is None when no row of the batch uses that parameter (the sampler skips the
+  filter then); so is every penalty tensor when no row has any penalty;
 - token-id matrices are right-padded with `vocab_size`, an id no real token has: the penalty code
   scatters into a `vocab_size + 1` wide buffer and drops the last column, so padding counts nothing.
+
+Building it is per-step host work, so the common batch takes a fast path: when every row only sets
+a temperature (no top-k/top-p/min-p, penalties, seed, logprobs or min_tokens), the metadata is one
+tensor of temperatures (`_from_temperatures`); the general path gives the same sampler result.
 """
 
 from __future__ import annotations
@@ -31,29 +37,44 @@ class SamplingMetadata:
     """Per-row sampling parameters of one batch; row i is `seqs[i]` of `from_sequences`."""
 
     temperatures: torch.Tensor  # (num_seqs,) float32; 0 for greedy rows
-    top_ps: torch.Tensor  # (num_seqs,) float32; 1.0 where disabled
-    top_ks: torch.Tensor  # (num_seqs,) int64; vocab_size where disabled
-    min_ps: torch.Tensor  # (num_seqs,) float32; 0.0 where disabled
-    presence_penalties: torch.Tensor  # (num_seqs,) float32
-    frequency_penalties: torch.Tensor  # (num_seqs,) float32
-    repetition_penalties: torch.Tensor  # (num_seqs,) float32
-    # (num_seqs, max_prompt_len) / (num_seqs, max_output_len) int64, padded with vocab_size.
-    # Width 0 when no row has a penalty: the sampler does not read them then.
-    prompt_token_ids: torch.Tensor
-    output_token_ids: torch.Tensor
+    top_ps: torch.Tensor | None  # (num_seqs,) float32; 1.0 where disabled; None: no row uses top-p
+    top_ks: torch.Tensor | None  # (num_seqs,) int64; vocab_size where disabled; None: no row uses top-k
+    min_ps: torch.Tensor | None  # (num_seqs,) float32; 0.0 where disabled; None: no row uses min-p
+    # (num_seqs,) float32 each; None when no row has a penalty.
+    presence_penalties: torch.Tensor | None
+    frequency_penalties: torch.Tensor | None
+    repetition_penalties: torch.Tensor | None
+    # (num_seqs, max_prompt_len) / (num_seqs, max_output_len) int64, padded with vocab_size; None
+    # when no row has a penalty (they are the only reader).
+    prompt_token_ids: torch.Tensor | None
+    output_token_ids: torch.Tensor | None
     min_tokens_stop_ids: list[tuple[int, list[int]]]  # (row, ids to mask) for rows under min_tokens
     generators: dict[int, torch.Generator]  # row -> the request's own generator (seeded rows)
-    max_num_logprobs: int  # the largest `logprobs` asked for in the batch; 0 when none
+    # vLLM's convention: the largest `logprobs` asked for in the batch; None when no row asked
+    # (then neither ranks nor top-k logprobs are computed). 0 asks for the chosen token's only.
+    max_num_logprobs: int | None
     all_greedy: bool
     all_random: bool
-    no_penalties: bool
-    no_top_p: bool
-    no_top_k: bool
-    no_min_p: bool
 
     @property
     def num_seqs(self) -> int:
         return self.temperatures.shape[0]
+
+    @property
+    def no_penalties(self) -> bool:
+        return self.repetition_penalties is None
+
+    @property
+    def no_top_p(self) -> bool:
+        return self.top_ps is None
+
+    @property
+    def no_top_k(self) -> bool:
+        return self.top_ks is None
+
+    @property
+    def no_min_p(self) -> bool:
+        return self.min_ps is None
 
     @classmethod
     def from_sequences(
@@ -72,38 +93,75 @@ class SamplingMetadata:
                 f"seqs, params and generators must have one entry per row, got "
                 f"{len(seqs)}, {len(params)}, {len(generators)}"
             )
+        if generators.count(None) == len(generators) and all(map(_only_temperature, params)):
+            return cls._from_temperatures([p.temperature for p in params], device)
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         temperatures = [0.0 if g else p.temperature for g, p in zip(greedy, params)]
         top_ks = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
-        no_penalties = all(
+        penalised = not all(
             p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and p.repetition_penalty == 1.0
             for p in params
         )
-        prompt_ids, output_ids = _token_id_matrices(seqs, vocab_size, device, no_penalties)
+        prompt_ids, output_ids = _token_id_matrices(seqs, vocab_size, device, not penalised)
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
-        def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+        def tensor(values: list, used: bool, dtype=torch.float32) -> torch.Tensor | None:
+            return torch.tensor(values, dtype=dtype, device=device) if used else None
 
         return cls(
-            temperatures=f32(temperatures),
-            top_ps=f32([p.top_p for p in params]),
-            top_ks=torch.tensor(top_ks, dtype=torch.int64, device=device),
-            min_ps=f32([p.min_p for p in params]),
-            presence_penalties=f32([p.presence_penalty for p in params]),
-            frequency_penalties=f32([p.frequency_penalty for p in params]),
-            repetition_penalties=f32([p.repetition_penalty for p in params]),
+            temperatures=tensor(temperatures, True),
+            top_ps=tensor([p.top_p for p in params], any(p.top_p < 1.0 for p in params)),
+            top_ks=tensor(top_ks, any(k != vocab_size for k in top_ks), torch.int64),
+            min_ps=tensor([p.min_p for p in params], any(p.min_p > 0.0 for p in params)),
+            presence_penalties=tensor([p.presence_penalty for p in params], penalised),
+            frequency_penalties=tensor([p.frequency_penalty for p in params], penalised),
+            repetition_penalties=tensor([p.repetition_penalty for p in params], penalised),
             prompt_token_ids=prompt_ids,
             output_token_ids=output_ids,
             min_tokens_stop_ids=_min_tokens_stop_ids(seqs, params, eos_token_ids, vocab_size),
             generators={i: g for i, g in enumerate(generators) if g is not None and not greedy[i]},
-            max_num_logprobs=max((p.logprobs or 0 for p in params), default=0),
+            max_num_logprobs=max(logprobs) if logprobs else None,
             all_greedy=all(greedy),
             all_random=not any(greedy),
-            no_penalties=no_penalties,
-            no_top_p=all(p.top_p >= 1.0 for p in params),
-            no_top_k=all(k == vocab_size for k in top_ks),
-            no_min_p=all(p.min_p <= 0.0 for p in params),
         )
+
+    @classmethod
+    def _from_temperatures(cls, temperatures: list[float], device: torch.device) -> SamplingMetadata:
+        """The metadata of rows that set nothing but a temperature: every filter, penalty,
+        generator and logprob field is empty, as `from_sequences` would leave it."""
+        temperatures = [0.0 if t < SAMPLING_EPS else t for t in temperatures]
+        num_greedy = temperatures.count(0.0)
+        return cls(
+            temperatures=torch.tensor(temperatures, dtype=torch.float32, device=device),
+            top_ps=None,
+            top_ks=None,
+            min_ps=None,
+            presence_penalties=None,
+            frequency_penalties=None,
+            repetition_penalties=None,
+            prompt_token_ids=None,
+            output_token_ids=None,
+            min_tokens_stop_ids=[],
+            generators={},
+            max_num_logprobs=None,
+            all_greedy=num_greedy == len(temperatures),
+            all_random=num_greedy == 0,
+        )
+
+
+def _only_temperature(p: SamplingParams) -> bool:
+    """Whether the row's distribution depends on its temperature alone (every other sampling
+    field at its neutral value; `min_tokens == 0` never masks anything)."""
+    return (
+        p.top_p >= 1.0
+        and p.top_k <= 0
+        and p.min_p <= 0.0
+        and p.presence_penalty == 0.0
+        and p.frequency_penalty == 0.0
+        and p.repetition_penalty == 1.0
+        and p.logprobs is None
+        and p.min_tokens == 0
+    )
 
 
 def _min_tokens_stop_ids(
@@ -127,12 +185,10 @@ def _min_tokens_stop_ids(
 
 def _token_id_matrices(
     seqs: list[Sequence], vocab_size: int, device: torch.device, no_penalties: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Prompt and output ids as two right-padded matrices (padding = vocab_size)."""
     if no_penalties:
-        # Penalties are the only reader; skip the O(total tokens) copy when no row has one.
-        empty = torch.empty((len(seqs), 0), dtype=torch.int64, device=device)
-        return empty, empty
+        return None, None  # penalties are the only reader: skip the O(total tokens) copy
     return (
         _pad([seq.data.prompt_token_ids for seq in seqs], vocab_size, device),
         _pad([seq.data.output_token_ids for seq in seqs], vocab_size, device),

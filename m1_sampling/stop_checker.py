@@ -57,7 +57,8 @@ class StopChecker:
         if seq.get_len() >= self.max_model_len:
             seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
             return
-        if seq.get_output_len() < params.min_tokens:
+        output_len = seq.get_output_len()
+        if output_len < params.min_tokens:
             return
         last_token_id = seq.get_last_token_id()
         if not params.ignore_eos and last_token_id in self.eos_token_ids:
@@ -66,15 +67,16 @@ class StopChecker:
         if last_token_id in params.stop_token_ids:
             self._stop_on_token(seq, new_char_count, params, stop_reason=last_token_id)
             return
-        stop = check_stop_strings(
-            seq.output_text, new_char_count, params.stop, params.include_stop_str_in_output
-        )
-        if stop is not None:
-            seq.stop_reason, truncate_to = stop
-            seq.output_text = seq.output_text[:truncate_to]
-            seq.status = SequenceStatus.FINISHED_STOPPED
-            return
-        if seq.get_output_len() == params.max_tokens:
+        if params.stop and new_char_count:  # (this runs for every sequence every step)
+            stop = check_stop_strings(
+                seq.output_text, new_char_count, params.stop, params.include_stop_str_in_output
+            )
+            if stop is not None:
+                seq.stop_reason, truncate_to = stop
+                seq.output_text = seq.output_text[:truncate_to]
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                return
+        if output_len == params.max_tokens:
             seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
 
     @staticmethod

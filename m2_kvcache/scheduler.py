@@ -74,8 +74,12 @@ class Scheduler(StaticScheduler):
 
     def update_from_output(self, scheduler_output: SchedulerOutput) -> None:
         """The scheduled tokens are now in the cache; finished sequences give their slot back."""
+        any_finished = False
         for seq, n in zip(scheduler_output.seqs, scheduler_output.num_scheduled_tokens):
             seq.data.num_computed_tokens += n
+            any_finished = any_finished or seq.is_finished()
+        if not any_finished:  # only a sequence that got a token this step can have finished in it
+            return
         for req in list(self.running):
             for seq in req.seqs:
                 if seq.is_finished() and seq.seq_id in self.slot_of:

@@ -18,7 +18,8 @@ Contract with the scheduler (one sequence's life; `bm` is the BlockManager):
    computed get a hash, so no other sequence can hit a block whose K/V is not written yet.
 3. Before a step that feeds new tokens to a running sequence (decode: the sampled token was just
    appended with `seq.append_token_id`): `if bm.can_append(seq): copies = bm.may_append(seq)`, else
-   preempt someone and retry. Call it before *every* step that computes tokens of a running
+   preempt someone and retry (`copies = bm.allocate_slots(seq)` does both in one call: None when
+   the pool is short). Call it before *every* step that computes tokens of a running
    sequence (a no-op for prefill chunks). Afterwards the table covers every token again, and every
    block that the step writes (from position `num_computed_tokens` on) is private to `seq`
    (ref_count 1, no hash). `copies` lists `(src_block_id, dst_block_id)` pairs (copy-on-write of
@@ -179,9 +180,8 @@ class BlockManager:
     # ---- appending (decode) --------------------------------------------------------------------
     def can_append(self, seq: Sequence) -> bool:
         """Whether `may_append(seq)` would succeed now."""
-        num_new = self.num_required_blocks(seq.get_len()) - len(seq.block_table)
-        num_cow = sum(1 for i in self._written_block_indices(seq) if not self._is_writable(seq, i))
-        return num_new + num_cow <= self.get_num_free_blocks()
+        num_cow, num_new = self._append_needs(seq)
+        return num_cow + num_new <= len(self.free_block_ids)
 
     def may_append(self, seq: Sequence) -> list[tuple[int, int]]:
         """Prepare the blocks the next step writes: tokens `seq.data.num_computed_tokens ... len - 1`.
@@ -196,19 +196,43 @@ class BlockManager:
         Copies arise after `fork` (the partial last block both sequences append to) and when the
         scheduler rewinds `num_computed_tokens` into a cached block (e.g. a fork that recomputes
         its last prompt token); a plain decode step returns []."""
-        if not self.can_append(seq):
+        copies = self.allocate_slots(seq)
+        if copies is None:
             raise RuntimeError(f"not enough free blocks to append to seq {seq.seq_id}")
-        copies = []
-        for i in self._written_block_indices(seq):
-            if not self._is_writable(seq, i):
-                src = seq.block_table[i]
-                seq.block_table[i] = dst = self._allocate_free_block()  # before freeing src: dst != src
-                self._unref(src)  # a cached src that drops to 0 stays in the cache, as a free block
-                if i * self.block_size < seq.data.num_computed_tokens:
-                    copies.append((src, dst))
-        num_new = self.num_required_blocks(seq.get_len()) - len(seq.block_table)
-        seq.block_table.extend(self._allocate_free_block() for _ in range(num_new))
         return copies
+
+    def allocate_slots(self, seq: Sequence) -> list[tuple[int, int]] | None:
+        """`may_append(seq)` when `can_append(seq)`, else None, changing nothing (vLLM v1's
+        `allocate_slots` answers a short pool the same way). The scheduler's form: it runs for
+        every scheduled sequence in every step, and checks the pool once instead of twice."""
+        num_cow, num_new = self._append_needs(seq)
+        if num_cow + num_new > len(self.free_block_ids):
+            return None
+        copies = []
+        if num_cow:  # rare (after a fork or a rewind): most steps write only private blocks
+            for i in self._written_block_indices(seq):
+                if not self._is_writable(seq, i):
+                    src = seq.block_table[i]
+                    seq.block_table[i] = dst = self._allocate_free_block()  # before freeing src: dst != src
+                    self._unref(src)  # a cached src that drops to 0 stays in the cache, as a free block
+                    if i * self.block_size < seq.data.num_computed_tokens:
+                        copies.append((src, dst))
+        for _ in range(num_new):
+            seq.block_table.append(self._allocate_free_block())
+        return copies
+
+    def _append_needs(self, seq: Sequence) -> tuple[int, int]:
+        """(blocks of the written range that need a private copy, blocks to add): what
+        `allocate_slots` will take from the pool. `_written_block_indices` and `_is_writable`
+        inlined, as this runs for every scheduled sequence in every step (a decode step looks at
+        one block, or none)."""
+        table, size = seq.block_table, self.block_size
+        num_cow = 0
+        for block_id in table[seq.data.num_computed_tokens // size :]:
+            block = self.blocks[block_id]
+            if block.ref_count != 1 or block.hash is not None:
+                num_cow += 1
+        return num_cow, -(-seq.get_len() // size) - len(table)
 
     # ---- prefix caching ------------------------------------------------------------------------
     def cache_full_blocks(self, seq: Sequence, num_computed_tokens: int) -> None:
@@ -223,7 +247,11 @@ class BlockManager:
             raise ValueError(f"num_computed_tokens={num_computed_tokens} outside [0, {seq.get_len()}]")
         table, size = seq.block_table, self.block_size
         num_full = num_computed_tokens // size
-        # Hashed blocks are a prefix of the table: walk back to the first unhashed one.
+        # Hashed blocks are a prefix of the table. Most steps (decode inside a block) end here:
+        # the last full block, and so every block before it, is hashed already.
+        if num_full == 0 or self.blocks[table[num_full - 1]].hash is not None:
+            return
+        # Walk back to the first unhashed block.
         first = num_full
         while first > 0 and self.blocks[table[first - 1]].hash is None:
             first -= 1

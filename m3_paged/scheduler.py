@@ -4,9 +4,10 @@ Each step fills a budget of `max_num_batched_tokens` tokens and at most `max_num
 
 1. Running sequences first, oldest request first: a decoding sequence needs 1 token, a sequence
    still in (chunked) prefill gets as much of its remaining prompt as the budget allows. Before a
-   sequence is scheduled its blocks must be ready (`can_append` / `may_append`); when the pool is
-   out of blocks, the newest running request is preempted: its blocks are freed and it goes back
-   to the front of the waiting queue, to be recomputed later (its outputs are kept).
+   sequence is scheduled its blocks must be ready (`can_append` / `may_append`, asked in one call
+   as `allocate_slots`); when the pool is out of blocks, the newest running request is preempted:
+   its blocks are freed and it goes back to the front of the waiting queue, to be recomputed later
+   (its outputs are kept).
 2. Then waiting requests, in order, while budget, sequence slots and blocks last (a new prompt may
    be cut into chunks; only the chunk's last step samples a token).
 
@@ -54,27 +55,34 @@ class Scheduler(StaticScheduler):
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        for req in list(self.running):
-            for seq in req.get_seqs(SequenceStatus.RUNNING):
-                if budget == 0 or req not in self.running:
+        # By index, not over a copy: preemption removes only the newest requests (the tail), so the
+        # walk simply ends early when it has preempted what it had not reached yet.
+        running, i = SequenceStatus.RUNNING, 0  # a local: an enum member lookup costs more
+        while i < len(self.running):
+            req = self.running[i]
+            for seq in req.seqs:
+                if seq.status != running:  # finished, or a fork still waiting
+                    continue
+                if budget == 0:
                     return budget
                 num_new = min(seq.get_len() - seq.data.num_computed_tokens, budget)
                 if not self._reserve_blocks(seq, req, out):
                     break  # `req` itself was preempted
                 self._add(out, seq, num_new, req)
                 budget -= num_new
+            i += 1
         return budget
 
     def _reserve_blocks(self, seq: Sequence, req: Request, out: SchedulerOutput) -> bool:
         """Make `seq`'s blocks ready, preempting the newest running requests while the pool is
-        short. False when `req` itself had to be preempted (it was the newest)."""
-        bm = self.block_manager
-        while not bm.can_append(seq):
+        short. False when `req` itself had to be preempted (it was the newest).
+        (`allocate_slots` is `can_append` + `may_append` in one call: None when the pool is short.)"""
+        while (copies := self.block_manager.allocate_slots(seq)) is None:
             victim = self.running[-1]
             self._preempt(victim, out)
             if victim is req:
                 return False
-        out.block_copies.extend(bm.may_append(seq))
+        out.block_copies.extend(copies)
         return True
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
@@ -188,16 +196,27 @@ class Scheduler(StaticScheduler):
     # ---- after the step ------------------------------------------------------------------------
     def update_from_output(self, so: SchedulerOutput) -> None:
         bm = self.block_manager
+        any_finished = False
         for seq, n in zip(so.seqs, so.num_scheduled_tokens):
             seq.data.num_computed_tokens += n
-            if seq.data.num_computed_tokens >= seq.get_len() - (1 if seq.get_output_len() else 0):
+            computed, seq_len = seq.data.num_computed_tokens, seq.get_len()
+            if seq.is_prefill and computed >= seq_len - (1 if seq.get_output_len() else 0):
                 seq.is_prefill = False
-            bm.cache_full_blocks(seq, min(seq.data.num_computed_tokens, seq.get_len()))
+            bm.cache_full_blocks(seq, min(computed, seq_len))
+            any_finished = any_finished or seq.is_finished()
         self._start_pending_forks()
+        # Only a sequence that got a token this step can have finished in it: most steps skip the
+        # walk over every running request.
+        if any_finished:
+            self._free_finished()
+
+    def _free_finished(self) -> None:
+        """Free the blocks of finished sequences and move finished requests out of `running`, in
+        running order (the order blocks join the free queue decides what is evicted first)."""
         for req in list(self.running):
             for seq in req.seqs:
                 if seq.is_finished() and seq.block_table:
-                    bm.deallocate(seq)
+                    self.block_manager.deallocate(seq)
             if req.is_finished():
                 self.running.remove(req)
                 self.finished.append(req)

@@ -228,6 +228,31 @@ def test_decode_all_equals_hf_decode_on_any_ids(qwen3_dir, skip_special_tokens):
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_decode_all_after_a_long_unfinished_tail(qwen3_dir, skip_special_tokens):
+    """An unfinished character followed by many tokens that add no text (special tokens when
+    skipped, ids past the tokenizer): every shorter prefix is tried until the character goes; the
+    result is still the decode of the longest prefix that ends on a character boundary."""
+    tok = load_tokenizer(qwen3_dir)
+    detok = Detokenizer(tok)
+    params = SamplingParams(skip_special_tokens=skip_special_tokens)
+    head = tok("hello").input_ids
+    first_byte = tok.convert_tokens_to_ids("ä")  # byte-level BPE: 0xE4, the first byte of "你"
+    assert tok.decode([first_byte]) == REPLACEMENT_CHAR
+    special, past_vocab = sorted(detok.special_ids)[0], len(tok) + 3
+    seq = Sequence(0, None, tok(PROMPT).input_ids)
+    for t in [*head, first_byte, *[special, past_vocab] * 40]:
+        seq.append_token_id(t)
+    ids = [t for t in seq.data.output_token_ids if t < len(tok)]
+    decodes = [
+        tok.decode(ids[:end], skip_special_tokens=skip_special_tokens) for end in range(len(ids), 0, -1)
+    ]
+    expected = next((d for d in decodes if not d.endswith(REPLACEMENT_CHAR)), "")
+    assert detok.decode_all(seq, params) == expected
+    if skip_special_tokens:
+        assert expected == tok.decode(head)
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_decode_all_equals_token_by_token_on_text(qwen3_dir, skip_special_tokens):
     """On the token streams of real text (what a model emits), the one-pass text equals the
     incremental text, and drop_last equals the incremental text before the last token."""

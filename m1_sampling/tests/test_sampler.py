@@ -8,10 +8,12 @@ distribution with a float64 reference computed one row at a time, with plain Pyt
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from m0_config.sampling_params import SamplingParams
 from m0_config.sequence import Sequence
@@ -121,7 +123,7 @@ def test_frequency_and_presence_ignore_the_prompt():
 def test_penalties_change_the_greedy_choice():
     """Greedy is taken after the penalties: a repeated favourite loses to the runner-up."""
     logits = torch.tensor([[3.0, 2.0, 0.0]])
-    out = sample(logits, [SamplingParams(temperature=0.0, repetition_penalty=2.0)], prompts=[[0]])
+    out = sample(logits, [SamplingParams(temperature=0.0, repetition_penalty=2.0, logprobs=0)], prompts=[[0]])
     assert out.sampled_token_ids.tolist() == [1]
     # ...while the reported logprob and rank are those of the raw distribution.
     torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1)[:, 1])
@@ -228,11 +230,102 @@ def test_no_topk_when_no_row_asks_for_logprobs():
     assert out.logprobs.shape == (3,) and out.ranks.shape == (3,)
 
 
+def test_no_ranks_when_no_row_asks_for_logprobs():
+    """Ranks are reported only in logprob entries; the chosen logprob (cumulative logprob) always is."""
+    logits = torch.randn(3, 10)
+    out = sample(logits, [SamplingParams(temperature=0.0), SamplingParams(), SamplingParams(top_p=0.5)])
+    assert out.ranks is None and out.topk_token_ids is None and out.topk_logprobs is None
+    torch.testing.assert_close(
+        out.logprobs, torch.log_softmax(logits, -1).gather(1, out.sampled_token_ids[:, None])[:, 0]
+    )
+
+
 def test_caller_logits_are_not_modified():
     logits = torch.randn(2, 10)
     before = logits.clone()
     sample(logits, [SamplingParams(min_tokens=2, repetition_penalty=2.0)] * 2, eos_token_ids=(3,))
     assert torch.equal(logits, before)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path: rows that set nothing but a temperature
+
+
+@pytest.mark.parametrize(
+    "temperatures",
+    [[0.0] * 5, [0.6] * 5, [0.0, 0.5, 1.3, 1e-6, 2.0]],  # all greedy, all random, mixed (1e-6 is greedy)
+    ids=["greedy", "random", "mixed"],
+)
+def test_temperature_only_fast_path_equals_general_path(temperatures, monkeypatch):
+    """Same metadata and the same tokens, step after step, as the general path; the general path
+    is forced by top_k = vocab_size, a real setting that filters nothing."""
+    vocab = 40
+    fast_calls = []
+    build = SamplingMetadata._from_temperatures.__func__
+    monkeypatch.setattr(
+        SamplingMetadata,
+        "_from_temperatures",
+        classmethod(lambda cls, *a: fast_calls.append(1) or build(cls, *a)),
+    )
+    fast = make_metadata([SamplingParams(temperature=t) for t in temperatures], vocab)
+    general = make_metadata([SamplingParams(temperature=t, top_k=vocab) for t in temperatures], vocab)
+    assert len(fast_calls) == 1  # only the first batch took the fast path
+    for f in dataclasses.fields(SamplingMetadata):
+        a, b = getattr(fast, f.name), getattr(general, f.name)
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, f.name
+    gen = torch.Generator().manual_seed(8)
+    for step in range(4):
+        logits = torch.randn(len(temperatures), vocab, generator=gen)
+        torch.manual_seed(step)
+        a = Sampler()(logits, fast)
+        torch.manual_seed(step)
+        b = Sampler()(logits, general)
+        assert torch.equal(a.sampled_token_ids, b.sampled_token_ids)
+        assert torch.equal(a.logprobs, b.logprobs)
+
+
+def test_seeded_rows_leave_the_fast_path_and_stay_independent_of_the_batch():
+    """A seeded row needs its generator, so its batch takes the general path; its tokens are the
+    same whether its neighbours are temperature-only rows or it runs alone."""
+    vocab = 30
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2))
+    seeded = SamplingParams(temperature=0.9, seed=42)
+    alone = make_metadata([seeded], vocab, generators=[torch.Generator().manual_seed(42)])
+    batch = make_metadata(
+        [SamplingParams(temperature=0.7)] * 2 + [seeded] + [SamplingParams(temperature=0.0)] * 3,
+        vocab,
+        generators=[None, None, torch.Generator().manual_seed(42), None, None, None],
+    )
+    assert list(batch.generators) == [2]
+    torch.manual_seed(0)
+    in_batch = Sampler()(logits, batch).sampled_token_ids[2]
+    torch.manual_seed(1)  # another global state: the seeded row must not care
+    assert Sampler()(logits[2:3], alone).sampled_token_ids[0] == in_batch
+
+
+class _CountKernels(TorchDispatchMode):
+    """Names of the aten ops that are not views: on a GPU, one kernel launch each."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_temperature_only_batch_launches_few_kernels():
+    """The throughput workload's batch (temperature only, no logprobs): log_softmax for the
+    cumulative logprob, one gather, the division by T, softmax, the exponential race, argmax.
+    No copy of the logits, no rank or top-k pass, no per-row work."""
+    md = make_metadata([SamplingParams(temperature=0.6)] * 8, 50)
+    logits = torch.randn(8, 50)
+    with _CountKernels() as counter:
+        Sampler()(logits, md)
+    assert len(counter.names) <= 9, counter.names
+    assert not any(n.startswith(("ge", "topk", "sum", "_to_copy", "clone", "where")) for n in counter.names)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,12 +144,18 @@ class BlockManagerMachine(RuleBasedStateMachine):
         seq.append_token_id(data.draw(TOKENS))
         starts_block = (seq.get_len() - 1) % size == 0
         need = 1 if starts_block or bm.blocks[seq.block_table[-1]].ref_count > 1 else 0
-        assert bm.can_append(seq) == (need <= bm.get_num_free_blocks())
-        if not bm.can_append(seq):
+        can_append = bm.can_append(seq)
+        assert can_append == (need <= bm.get_num_free_blocks())
+        if data.draw(st.booleans(), label="allocate_slots"):  # the scheduler's one-call form
+            copies = bm.allocate_slots(seq)
+            assert (copies is None) == (not can_append)
+        else:
+            copies = bm.may_append(seq) if can_append else None
+        if copies is None:
             event("decode: preempted, no free block")
             self.preempt_seq(seq)
             return
-        self.apply_copies(bm.may_append(seq))
+        self.apply_copies(copies)
 
     def fork(self, data):
         """Fork a fully computed sequence; sometimes rewind the child by one token, as a scheduler

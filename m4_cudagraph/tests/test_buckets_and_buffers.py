@@ -7,7 +7,7 @@ import torch
 
 from m0_config.sequence import Sequence
 from m4_cudagraph.buckets import capture_sizes, pick_bucket
-from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs
+from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs, host_decode_inputs_reference
 
 pytestmark = pytest.mark.m4
 
@@ -52,6 +52,26 @@ def test_host_inputs_pad_rows_to_a_dummy_slot():
     assert host["seq_lens"].tolist() == [6, 3, 1, 1]  # padding rows see one dummy key
     # as wide as the widest table in the batch, not max_blocks
     assert host["block_tables"].tolist() == [[7, 2], [5, 0], [0, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_host_inputs_equal_the_reference(seed, block_size):
+    """Random batches: ragged tables (one row may be the widest), any padding, large block ids."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = int(torch.randint(1, 12, (1,), generator=gen))
+    seqs = []
+    for i in range(bs):
+        num_tokens = int(torch.randint(1, 5 * block_size + 1, (1,), generator=gen))
+        table = torch.randint(0, 2**20, (-(-num_tokens // block_size),), generator=gen).tolist()
+        seqs.append(_seq(i, torch.randint(0, 500, (num_tokens,), generator=gen).tolist(), table))
+    bucket = bs + int(torch.randint(0, 4, (1,), generator=gen))
+    got = host_decode_inputs(seqs, bucket, block_size, max_blocks=5)
+    expected = host_decode_inputs_reference(seqs, bucket, block_size)
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), name
 
 
 def test_host_inputs_reject_overflow():
