@@ -70,32 +70,46 @@ def paged_batch(q_lens: list[int], seq_lens: list[int], block_size: int, seed: i
     return q, k_cache, v_cache, cu, seq_lens_t, tables
 
 
-def bench_decode(bs: int, ctx: int, block_size: int, copy_gbs: float, splits: list[int | None]) -> None:
-    q, k_cache, v_cache, cu, seq_lens, tables = paged_batch([1] * bs, [ctx] * bs, block_size)
-    kv_bytes = 2 * bs * ctx * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
+def bench_decode(
+    seq_lens: list[int], block_size: int, copy_gbs: float, splits: list[int | None], tile_ns=(None,)
+) -> None:
+    """One decode row per sequence over seq_lens[i] cached tokens; every (splits, tile_n) pair."""
+    bs, ctx = len(seq_lens), max(seq_lens)
+    q, k_cache, v_cache, cu, seq_lens_t, tables = paged_batch([1] * bs, seq_lens, block_size)
+    kv_bytes = 2 * sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
     out = torch.empty_like(q)
+    ragged = len(set(seq_lens)) > 1
     for num_splits in splits:
-        ms = triton.testing.do_bench_cudagraph(
-            lambda num_splits=num_splits: paged_attention(
-                q,
-                k_cache,
-                v_cache,
-                cu,
-                seq_lens,
-                tables,
-                HEAD_DIM**-0.5,
-                out=out,
-                num_splits=num_splits,
-                max_seqlen_k=ctx,
-            ),  # fmt: skip
-            return_mode="median",
-        )
-        gbs = kv_bytes / ms / 1e6
-        emit({
-            "kernel": "decode", "batch": bs, "context": ctx, "block_size": block_size,
-            "num_splits": num_splits or "auto", "us": round(ms * 1e3, 1), "GBps": round(gbs),
-            "of_copy": round(gbs / copy_gbs, 3),
-        })  # fmt: skip
+        for tile_n in tile_ns:
+            ms = triton.testing.do_bench_cudagraph(
+                lambda num_splits=num_splits, tile_n=tile_n: paged_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    cu,
+                    seq_lens_t,
+                    tables,
+                    HEAD_DIM**-0.5,
+                    out=out,
+                    num_splits=num_splits,
+                    max_seqlen_k=ctx,
+                    tile_n=tile_n,
+                ),  # fmt: skip
+                return_mode="median",
+            )
+            gbs = kv_bytes / ms / 1e6
+            emit({
+                "kernel": "decode", "batch": bs,
+                "context": f"{min(seq_lens)}-{ctx} (mean {sum(seq_lens) // bs})" if ragged else ctx,
+                "block_size": block_size, "num_splits": num_splits or "auto", "tile_n": tile_n or "auto",
+                "us": round(ms * 1e3, 1), "GBps": round(gbs), "of_copy": round(gbs / copy_gbs, 3),
+            })  # fmt: skip
+
+
+def ragged_lens(bs: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    """Context lengths drawn uniformly from [lo, hi]: the mix a throughput run decodes."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (bs,), generator=g).tolist()
 
 
 def bench_prefill(num_seqs: int, length: int, block_size: int, tflops_peak: float) -> None:
@@ -120,12 +134,20 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="fewer rows")
+    p.add_argument("--sweep", action="store_true", help="decode only: split counts x key-tile sizes")
     args = p.parse_args(argv)
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__})
     copy_gbs, tflops = ceilings()
     cases = [(1, 4096), (1, 16384), (8, 4096), (16, 8192), (64, 4096), (256, 4096), (64, 16384), (256, 512)]
+    sweep = [None, 1, 2, 4, 8, 16]
+    if args.sweep:  # split counts and key-tile sizes for batch 1 and for the throughput run's mix
+        for lens in ([4096], [16384], ragged_lens(64, 200, 2048), ragged_lens(160, 200, 2048)):
+            bench_decode(lens, args.block_size, copy_gbs, [None, 1, 2, 4, 8, 16, 32, 64], (32, 64, 128))
+        return
     for bs, ctx in cases[:4] if args.quick else cases:
-        bench_decode(bs, ctx, args.block_size, copy_gbs, [None] if args.quick else [None, 1, 2, 4, 8, 16])
+        bench_decode([ctx] * bs, args.block_size, copy_gbs, [None] if args.quick else sweep)
+    for lens in (ragged_lens(64, 200, 2048), ragged_lens(160, 200, 2048)):
+        bench_decode(lens, args.block_size, copy_gbs, [None] if args.quick else sweep)
     for num_seqs, length in [(1, 2048), (4, 2048), (1, 8192)]:
         bench_prefill(num_seqs, length, args.block_size, tflops)
 

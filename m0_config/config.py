@@ -219,6 +219,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None  # synced from ModelConfig by EngineConfig
     enable_chunked_prefill: bool = True
+    # m4 on: schedule step n+1 while the GPU still runs step n. None = on with CUDA graphs on a GPU.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -231,6 +233,10 @@ class SchedulerConfig:
             f"max_num_batched_tokens must be an int >= 1, got {n!r}",
         )
         _check(isinstance(self.enable_chunked_prefill, bool), "enable_chunked_prefill must be a bool")
+        _check(
+            self.async_scheduling is None or isinstance(self.async_scheduling, bool),
+            f"async_scheduling must be None (automatic), True or False, got {self.async_scheduling!r}",
+        )
 
 
 @dataclass
@@ -308,6 +314,11 @@ class EngineConfig:
         if par.distributed_backend == "nccl":
             _check(model.device.type == "cuda", "the nccl backend needs device='cuda'; use 'gloo' on the CPU")
         _check(isinstance(self.enforce_eager, bool), "enforce_eager must be a bool")
+        _check(
+            not (sched.async_scheduling and par.tensor_parallel_size > 1),
+            "async_scheduling=True needs tensor_parallel_size=1: the worker ranks would need each step's "
+            "sampled ids before the driver has read them; leave async_scheduling unset (off under TP)",
+        )
 
     @classmethod
     def from_llm_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

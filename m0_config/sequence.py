@@ -60,6 +60,7 @@ class SequenceData:
         "_token_ids",
         "cumulative_logprob",
         "num_computed_tokens",
+        "num_placeholders",
     )
 
     def __init__(
@@ -70,6 +71,7 @@ class SequenceData:
         self._token_ids: list[int] = [*self._prompt_token_ids, *self._output_token_ids]
         self.cumulative_logprob = cumulative_logprob
         self.num_computed_tokens = 0  # tokens whose KV is in the cache (used from m2 on)
+        self.num_placeholders = 0  # trailing output tokens sampled on the GPU, value not known yet (m4)
 
     @property
     def prompt_token_ids(self) -> tuple[int, ...]:
@@ -83,6 +85,29 @@ class SequenceData:
         self._output_token_ids.append(token_id)
         self._token_ids.append(token_id)
         self.cumulative_logprob += logprob
+
+    def append_placeholder(self, placeholder_id: int) -> None:
+        """A token the GPU has sampled but the host has not read yet (m4's async scheduling). It
+        counts in every length, so the scheduler can plan the next step around it; its id is a
+        negative stand-in (`placeholder_id < 0`) that the model runner swaps for the real value on the
+        GPU. Placeholders are always the newest tokens."""
+        if placeholder_id >= 0:
+            raise ValueError(f"a placeholder id must be negative, got {placeholder_id}")
+        self._output_token_ids.append(placeholder_id)
+        self._token_ids.append(placeholder_id)
+        self.num_placeholders += 1
+
+    def pop_placeholder(self) -> int:
+        """Remove the newest placeholder and return its stand-in id."""
+        if self.num_placeholders == 0:
+            raise ValueError("the sequence has no placeholder token")
+        self.num_placeholders -= 1
+        self._token_ids.pop()
+        return self._output_token_ids.pop()
+
+    def get_num_known_tokens(self) -> int:
+        """Tokens whose ids the host knows: every token but the placeholders."""
+        return len(self._token_ids) - self.num_placeholders
 
     def get_token_ids(self) -> list[int]:
         """Prompt + output. The list is shared with this object: read it, do not mutate it."""
@@ -104,6 +129,7 @@ class SequenceData:
         """A deep copy: the new object shares no mutable list with this one."""
         new = SequenceData(self._prompt_token_ids, self._output_token_ids, self.cumulative_logprob)
         new.num_computed_tokens = self.num_computed_tokens
+        new.num_placeholders = self.num_placeholders
         return new
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ ARGUMENT_MILESTONE = {
     "enable_chunked_prefill": "m3_paged",
     "attention_backend": "m3_paged",
     "enforce_eager": "m4_cudagraph",
+    "async_scheduling": "m4_cudagraph",
     "tensor_parallel_size": "m5_tp",
     "distributed_backend": "m5_tp",
     "pipeline_parallel_size": "(not built)",

@@ -18,7 +18,7 @@ from m0_config.sequence import Request, Sequence, SequenceStatus
 from m1_sampling.detokenizer import Detokenizer
 from m1_sampling.model_runner import ModelRunner
 from m1_sampling.sampler import Sampler, SamplerOutput
-from m1_sampling.sampling_metadata import SamplingMetadata
+from m1_sampling.sampling_metadata import SamplingMetadata, host_to_device
 from m1_sampling.scheduler import Scheduler, SchedulerOutput
 from m1_sampling.stop_checker import StopChecker
 
@@ -95,12 +95,22 @@ class LLMEngine:
         return [self._make_output(req) for req in self.scheduler.pop_finished_requests()]
 
     def _sample_and_append(self, scheduler_output: SchedulerOutput, logits: torch.Tensor) -> None:
+        sampled = self._sample(scheduler_output, logits)
+        if sampled is not None:
+            self._append_tokens(*sampled)
+
+    def _sample(
+        self, scheduler_output: SchedulerOutput, logits: torch.Tensor
+    ) -> tuple[list[Sequence], list[SamplingParams], SamplerOutput] | None:
+        """Sample the rows that keep their token: (their sequences, their params, the sampler's output
+        on the device), or None when no row samples. Launches GPU work and does not wait for it."""
         seqs, params = scheduler_output.seqs, scheduler_output.sampling_params
         if not all(scheduler_output.samples):  # a non-final prefill chunk samples nothing
             rows = [i for i, keep in enumerate(scheduler_output.samples) if keep]
             if not rows:
-                return
-            seqs, params, logits = [seqs[i] for i in rows], [params[i] for i in rows], logits[rows]
+                return None
+            seqs, params = [seqs[i] for i in rows], [params[i] for i in rows]
+            logits = logits[host_to_device(rows, torch.int64, logits.device)]
         generators = self.generators  # only seeded requests have one
         metadata = SamplingMetadata.from_sequences(
             seqs,
@@ -110,8 +120,7 @@ class LLMEngine:
             self.model_runner.vocab_size,
             logits.device,
         )
-        out = self.sampler(logits, metadata)
-        self._append_tokens(seqs, params, out)
+        return seqs, params, self.sampler(logits, metadata)
 
     def _append_tokens(self, seqs: list[Sequence], params: list[SamplingParams], out: SamplerOutput) -> None:
         # Each .tolist() is a device-to-host copy and a wait for the GPU: two per step, more only

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from m1_sampling.sampling_metadata import SamplingMetadata
+from m1_sampling.sampling_metadata import SamplingMetadata, host_to_device
 
 
 @dataclass
@@ -81,7 +81,10 @@ def apply_min_tokens(logits: torch.Tensor, stop_ids: list[tuple[int, list[int]]]
         return logits
     rows = [row for row, ids in stop_ids for _ in ids]
     cols = [i for _, ids in stop_ids for i in ids]
-    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = -float("inf")
+    device = logits.device
+    logits[host_to_device(rows, torch.int64, device), host_to_device(cols, torch.int64, device)] = -float(
+        "inf"
+    )
     return logits
 
 

@@ -32,6 +32,14 @@ from m0_config.sampling_params import (
 from m0_config.sequence import Sequence
 
 
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`torch.tensor(values, device=device)` without waiting for the GPU. PyTorch's blocking
+    host-to-device copy synchronises the stream, so the host would sit idle until the step in flight
+    ends (m4 overlaps the next step's preparation with it); a non-blocking copy from ordinary memory
+    is staged by the CUDA driver before the call returns, so it is just as safe."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingMetadata:
     """Per-row sampling parameters of one batch; row i is `seqs[i]` of `from_sequences`."""
@@ -106,7 +114,7 @@ class SamplingMetadata:
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
         def tensor(values: list, used: bool, dtype=torch.float32) -> torch.Tensor | None:
-            return torch.tensor(values, dtype=dtype, device=device) if used else None
+            return host_to_device(values, dtype, device) if used else None
 
         return cls(
             temperatures=tensor(temperatures, True),
@@ -132,7 +140,7 @@ class SamplingMetadata:
         temperatures = [0.0 if t < SAMPLING_EPS else t for t in temperatures]
         num_greedy = temperatures.count(0.0)
         return cls(
-            temperatures=torch.tensor(temperatures, dtype=torch.float32, device=device),
+            temperatures=host_to_device(temperatures, torch.float32, device),
             top_ps=None,
             top_ks=None,
             min_ps=None,
@@ -198,4 +206,4 @@ def _token_id_matrices(
 def _pad(rows: list, pad_id: int, device: torch.device) -> torch.Tensor:
     width = max((len(r) for r in rows), default=0)
     padded = [[*r, *([pad_id] * (width - len(r)))] for r in rows]
-    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(rows), width)
+    return host_to_device(padded, torch.int64, device).reshape(len(rows), width)

@@ -11,6 +11,7 @@ import torch
 
 from m0_config.config import EngineConfig
 from m0_config.logger import init_logger
+from m1_sampling.sampling_metadata import host_to_device
 from m2_kvcache.attention.kv_cache import KVCacheUsage, attention_layers
 from m2_kvcache.attention.metadata import AttentionMetadata
 from m2_kvcache.attention.no_cache import NoCacheBackend
@@ -121,7 +122,7 @@ class ModelRunner(SlotModelRunner):
         md = PagedAttentionMetadata.build_paged(
             so.num_scheduled_tokens, seq_lens, [s.block_table for s in so.seqs], self.block_size, self.device
         )
-        return torch.tensor(input_ids, dtype=torch.long, device=self.device), md
+        return host_to_device(input_ids, torch.long, self.device), md
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> torch.Tensor:
@@ -131,7 +132,7 @@ class ModelRunner(SlotModelRunner):
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src -> dst in every layer's K and V before the step writes dst."""
         if copies:
-            src, dst = (torch.tensor(x, device=self.device) for x in zip(*copies))
+            src, dst = (host_to_device(list(x), torch.int64, self.device) for x in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def kv_cache_usage(self, seq_lens: list[int], num_used_blocks: int) -> KVCacheUsage:

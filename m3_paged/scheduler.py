@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from m0_config.config import EngineConfig
 from m0_config.logger import init_logger
 from m0_config.sequence import Request, Sequence, SequenceStatus
@@ -34,6 +36,10 @@ logger = init_logger(__name__)
 class SchedulerOutput(BaseSchedulerOutput):
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst) blocks
     num_preempted: int = 0
+    # Set by m4's async engine: the previous step's sampled ids, still on the GPU, from which this
+    # step's placeholder tokens take their values (see SequenceData.append_placeholder). None when
+    # no scheduled token is a placeholder.
+    prev_sampled_token_ids: torch.Tensor | None = None
 
 
 class Scheduler(StaticScheduler):
@@ -41,6 +47,7 @@ class Scheduler(StaticScheduler):
         super().__init__(config)
         sc, cc = config.scheduler_config, config.cache_config
         self.max_num_batched_tokens = sc.max_num_batched_tokens
+        self.max_model_len = sc.max_model_len
         self.enable_chunked_prefill = sc.enable_chunked_prefill
         self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.pending_forks: dict[int, list[Sequence]] = {}  # parent seq_id -> children waiting for its prompt
@@ -63,6 +70,8 @@ class Scheduler(StaticScheduler):
             for seq in req.seqs:
                 if seq.status != running:  # finished, or a fork still waiting
                     continue
+                if seq.data.num_placeholders and self._stops_by_length(seq, req):
+                    continue  # its in-flight token is its last (m4's async scheduling)
                 if budget == 0:
                     return budget
                 num_new = min(seq.get_len() - seq.data.num_computed_tokens, budget)
@@ -72,6 +81,11 @@ class Scheduler(StaticScheduler):
                 budget -= num_new
             i += 1
         return budget
+
+    def _stops_by_length(self, seq: Sequence, req: Request) -> bool:
+        """Whether `seq` is certain to finish once its pending tokens arrive: it has reached
+        max_tokens or max_model_len, which the stop checker ends whatever the token values."""
+        return seq.get_output_len() >= req.sampling_params.max_tokens or seq.get_len() >= self.max_model_len
 
     def _reserve_blocks(self, seq: Sequence, req: Request, out: SchedulerOutput) -> bool:
         """Make `seq`'s blocks ready, preempting the newest running requests while the pool is
@@ -202,13 +216,30 @@ class Scheduler(StaticScheduler):
             computed, seq_len = seq.data.num_computed_tokens, seq.get_len()
             if seq.is_prefill and computed >= seq_len - (1 if seq.get_output_len() else 0):
                 seq.is_prefill = False
-            bm.cache_full_blocks(seq, min(computed, seq_len))
+            # A block is hashed from its token ids: a placeholder's id is not known yet.
+            bm.cache_full_blocks(seq, min(computed, seq.data.get_num_known_tokens()))
             any_finished = any_finished or seq.is_finished()
         self._start_pending_forks()
         # Only a sequence that got a token this step can have finished in it: most steps skip the
         # walk over every running request.
         if any_finished:
             self._free_finished()
+
+    def on_tokens_resolved(self, seqs: list[Sequence]) -> None:
+        """m4's async scheduling: the real ids of `seqs`' oldest placeholders have just been
+        appended (after `update_from_output` of their step ran). Hash the blocks those ids complete
+        and free what finished, as `update_from_output` does for a synchronous step."""
+        bm, any_finished = self.block_manager, False
+        for seq in seqs:
+            if seq.block_table:  # (a sequence preempted meanwhile holds no blocks)
+                bm.cache_full_blocks(seq, min(seq.data.num_computed_tokens, seq.data.get_num_known_tokens()))
+            any_finished = any_finished or seq.is_finished()
+        if any_finished:
+            self._free_finished()
+            # A sequence preempted while its last token was in flight finishes in the waiting queue.
+            for req in [r for r in self.waiting if r.is_finished()]:
+                self.waiting.remove(req)
+                self.finished.append(req)
 
     def _free_finished(self) -> None:
         """Free the blocks of finished sequences and move finished requests out of `running`, in

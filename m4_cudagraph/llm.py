@@ -8,4 +8,4 @@ from m4_cudagraph.llm_engine import LLMEngine
 class LLM(PagedLLM):
     engine_cls = LLMEngine
     milestone = "m4_cudagraph"
-    supported_arguments = PagedLLM.supported_arguments | {"enforce_eager"}
+    supported_arguments = PagedLLM.supported_arguments | {"enforce_eager", "async_scheduling"}

@@ -20,6 +20,7 @@ from m2_kvcache.layers.layer_set import ModelLayers
 from m3_paged.attention.metadata import PagedAttentionMetadata
 from m3_paged.model_runner import ModelRunner as PagedModelRunner
 from m3_paged.scheduler import SchedulerOutput
+from m4_cudagraph.async_scheduling import fill_placeholders
 from m4_cudagraph.buckets import capture_sizes, pick_bucket
 from m4_cudagraph.fused_layers import fused_layers_for
 from m4_cudagraph.mixed_batch import MixedBuffers, mixed_capture_sizes
@@ -56,6 +57,11 @@ class ModelRunner(PagedModelRunner):
             self.use_static_decode = False
         if self.use_static_decode:
             self.capture_cudagraphs()
+
+    def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, PagedAttentionMetadata]:
+        """m3's inputs, with async scheduling's placeholder tokens filled in on the device."""
+        input_ids, md = super().prepare_inputs(so)
+        return fill_placeholders(input_ids, so.prev_sampled_token_ids), md
 
     def model_layers(self) -> ModelLayers:
         """m3's layers with the norms, activation and RoPE as single fused kernels on CUDA."""
@@ -168,6 +174,9 @@ class ModelRunner(PagedModelRunner):
             # block_tables: only the columns this batch uses are refreshed
             target = target[:bucket, : tensor.shape[1]] if tensor.dim() == 2 else target[:bucket]
             target.copy_(tensor, non_blocking=True)
+        if so.prev_sampled_token_ids is not None:  # async scheduling: last tokens still on the device
+            input_ids = self.buffers.input_ids[:bucket]
+            input_ids.copy_(fill_placeholders(input_ids, so.prev_sampled_token_ids))
         if bucket in self.graphs:
             self.graphs[bucket].replay()
             logits = self.graph_logits[:bucket]
