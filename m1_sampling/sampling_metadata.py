@@ -32,12 +32,20 @@ from m0_config.sampling_params import (
 from m0_config.sequence import Sequence
 
 
-def host_to_device(values: list, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """`torch.tensor(values, device=device)` without waiting for the GPU. PyTorch's blocking
-    host-to-device copy synchronises the stream, so the host would sit idle until the step in flight
-    ends (m4 overlaps the next step's preparation with it); a non-blocking copy from ordinary memory
-    is staged by the CUDA driver before the call returns, so it is just as safe."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+def to_device(cpu: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait for the GPU. PyTorch's blocking copy
+    synchronises the stream, and even a non-blocking copy from ordinary (pageable) memory waits in
+    practice while the driver stages it; so on CUDA the tensor first goes to pinned memory (PyTorch's
+    caching host allocator, which keeps that block until the copy has run) and is then copied
+    asynchronously. m4 relies on this to prepare step n+1 while the GPU runs step n."""
+    if device is None or torch.device(device).type != "cuda":
+        return cpu.to(device) if device is not None else cpu
+    return cpu.pin_memory().to(device, non_blocking=True)
+
+
+def host_to_device(values: list, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+    """`torch.tensor(values, dtype=dtype, device=device)` without waiting for the GPU (`to_device`)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 @dataclass

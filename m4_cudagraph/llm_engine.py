@@ -20,12 +20,17 @@ class LLMEngine(PagedEngine):
         self.in_flight: StepInFlight | None = None  # the launched step whose tokens are not read yet
 
     def resolve_async_scheduling(self) -> bool:
-        """The user's choice; unset means on where it pays: on a GPU with CUDA graphs (a CPU runs
-        every op before returning, so there is nothing to overlap)."""
-        requested = self.config.scheduler_config.async_scheduling
-        if requested is not None:
-            return requested
-        return self.model_runner.device.type == "cuda" and not self.config.enforce_eager
+        """The user's choice; unset means on where it pays and works: on a GPU with CUDA graphs (a CPU
+        runs every op before returning, so there is nothing to overlap) and one rank (m5's workers
+        would need each step's sampled ids; EngineConfig rejects async_scheduling=True with TP)."""
+        cfg = self.config
+        if cfg.scheduler_config.async_scheduling is not None:
+            return cfg.scheduler_config.async_scheduling
+        return (
+            cfg.model_config.device.type == "cuda"
+            and not cfg.enforce_eager
+            and cfg.parallel_config.tensor_parallel_size == 1
+        )
 
     def has_unfinished_requests(self) -> bool:
         return self.in_flight is not None or super().has_unfinished_requests()
@@ -55,12 +60,17 @@ class LLMEngine(PagedEngine):
         sampled = self._sample(so, self.model_runner.execute_model(so))
         return None if sampled is None else StepInFlight.launch(*sampled)
 
+    @staticmethod
+    def _wait_for(step: StepInFlight):
+        """The host's only wait for the GPU: the previous step's sampled ids in host memory."""
+        return step.wait()
+
     def _resolve(self, step: StepInFlight) -> None:
         """Swap each row's oldest placeholder for its real token through the synchronous path
         (`_append_tokens`: append, detokenize, stop checks), then hash and free as a synchronous
         step's `update_from_output` would. A row whose sequence finished meanwhile (it stopped one
         step earlier, or was aborted) is dropped with its placeholders."""
-        out = step.wait()
+        out = self._wait_for(step)
         rows = [i for i, seq in enumerate(step.seqs) if not seq.is_finished()]
         for seq in step.seqs:
             if seq.is_finished():

@@ -169,11 +169,13 @@ class ModelRunner(PagedModelRunner):
     def execute_decode(self, so: SchedulerOutput, bucket: int) -> torch.Tensor:
         self.copy_blocks(so.block_copies)
         host = host_decode_inputs(so.seqs, bucket, self.block_size, self.buffers.max_blocks_per_seq)
+        on_gpu = self.device.type == "cuda"
         for name, tensor in host.items():
             target = getattr(self.buffers, name)
             # block_tables: only the columns this batch uses are refreshed
             target = target[:bucket, : tensor.shape[1]] if tensor.dim() == 2 else target[:bucket]
-            target.copy_(tensor, non_blocking=True)
+            # From pinned memory, asynchronously: the host never waits (see m1's `to_device`).
+            target.copy_(tensor.pin_memory() if on_gpu else tensor, non_blocking=True)
         if so.prev_sampled_token_ids is not None:  # async scheduling: last tokens still on the device
             input_ids = self.buffers.input_ids[:bucket]
             input_ids.copy_(fill_placeholders(input_ids, so.prev_sampled_token_ids))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m1_sampling.sampling_metadata import host_to_device
+from m1_sampling.sampling_metadata import host_to_device, to_device
 
 
 def varlen_layout(
@@ -64,13 +64,13 @@ class AttentionMetadata:
             raise ValueError(f"two sequences share a cache slot: {slot_ids}")
         cu, token_seq_ids, positions = varlen_layout(query_lens, seq_lens)
         return cls(
-            cu_seqlens_q=cu.to(torch.int32).to(device, non_blocking=True),
+            cu_seqlens_q=to_device(cu.to(torch.int32), device),
             seq_lens=host_to_device(seq_lens, torch.int32, device),
             slot_ids=host_to_device(slot_ids, torch.int64, device),
             max_seqlen_q=max(query_lens),
             max_seqlen_k=max(seq_lens),
-            token_seq_ids=token_seq_ids.to(device, non_blocking=True),
-            positions=positions.to(device, non_blocking=True),
+            token_seq_ids=to_device(token_seq_ids, device),
+            positions=to_device(positions, device),
         )
 
     @property

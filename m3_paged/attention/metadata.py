@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m1_sampling.sampling_metadata import host_to_device
+from m1_sampling.sampling_metadata import host_to_device, to_device
 from m2_kvcache.attention.metadata import AttentionMetadata, varlen_layout
 
 
@@ -49,14 +49,14 @@ class PagedAttentionMetadata(AttentionMetadata):
         blocks = tables[token_seq_ids, positions // block_size].long()
         slot_mapping = blocks * block_size + positions % block_size
         return cls(
-            cu_seqlens_q=cu.to(torch.int32).to(device, non_blocking=True),
+            cu_seqlens_q=to_device(cu.to(torch.int32), device),
             seq_lens=host_to_device(seq_lens, torch.int32, device),
             slot_ids=torch.arange(len(seq_lens), device=device),
             max_seqlen_q=max(query_lens),
             max_seqlen_k=max(seq_lens),
-            token_seq_ids=token_seq_ids.to(device, non_blocking=True),
-            positions=positions.to(device, non_blocking=True),
-            block_tables=tables.to(device, non_blocking=True),
-            slot_mapping=slot_mapping.to(device, non_blocking=True),
+            token_seq_ids=to_device(token_seq_ids, device),
+            positions=to_device(positions, device),
+            block_tables=to_device(tables, device),
+            slot_mapping=to_device(slot_mapping, device),
             block_size=block_size,
         )

@@ -79,7 +79,9 @@ def _find_seq(cu_seqlens_q_ptr, tile_idx, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Triton compiles a variant per "== 1 / divisible by 16 / other" value of every int argument; the
+# batch-dependent ones would compile new variants in the middle of a run (seconds each, the first time).
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_s"])
 def _paged_attention_kernel(
     out_ptr,
     o_partial_ptr,  # (num_tokens, num_heads, NUM_SPLITS, HEAD_DIM) float32, used when NUM_SPLITS > 1
@@ -185,7 +187,7 @@ def _paged_attention_kernel(
         tl.store(lse_partial_ptr + part, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])
 def _merge_splits_kernel(
     out_ptr,
     o_partial_ptr,
@@ -221,6 +223,12 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # the CPU interpreter runs programs one after another: splitting buys nothing
+
+
+def _big_smem(device: torch.device) -> bool:
+    """Room for 128-key tiles in the software pipeline (H100/A100 class, not consumer GPUs)."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) >= 160 * 1024
 
 
 def paged_attention(
@@ -272,7 +280,11 @@ def paged_attention(
     on_gpu = q.device.type == "cuda"
     # Prefill tiles amortise each K/V load over many queries; decode tiles only need the group.
     block_m = block_m or max(16, triton.next_power_of_2(group), 64 if on_gpu and not decode_only else 16)
-    tile_n = tile_n or (64 if on_gpu and head_dim <= 128 else 32)
+    # Decode streams K/V with almost no compute: bigger key tiles keep more loads in flight (measured
+    # on an H100: batch 1 x 4k context 46% -> 56% of copy bandwidth, a ragged batch of 160 87% -> 91%).
+    tile_n = tile_n or (
+        32 if not on_gpu or head_dim > 128 else 128 if decode_only and _big_smem(q.device) else 64
+    )
     assert block_m >= max(16, group) and tile_n >= 16, (block_m, tile_n, group)
     assert block_m & (block_m - 1) == 0 and tile_n & (tile_n - 1) == 0, "tile sizes must be powers of two"
     block_q = block_m // group

@@ -34,7 +34,7 @@ def rms_norm_ref(
     return _m2_rms_norm(residual, weight, eps), residual
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])  # one compiled variant for every batch size
 def _rms_norm_kernel(
     out_ptr,  # (num_rows, N) contiguous
     residual_out_ptr,  # (num_rows, N) contiguous; the sum x + residual (HAS_RESIDUAL only)
