@@ -124,6 +124,16 @@ def _first_new_token(token_ids: list[int], min_index: int) -> tuple[int, int]:
     raise AssertionError(f"no new token at index >= {min_index} in {token_ids}")
 
 
+def _drain(engine) -> dict:
+    """Step `engine` until it has nothing left (at most MAX_STEPS steps): {request_id: output}."""
+    outputs = {}
+    for _ in range(MAX_STEPS):
+        if not engine.has_unfinished_requests():
+            return outputs
+        outputs.update((o.request_id, o) for o in engine.step())
+    pytest.fail("the engine never finishes")
+
+
 def _request(engine, request_id: str):
     return next(r for r in engine.scheduler.running if r.request_id == request_id)
 
@@ -503,14 +513,15 @@ def test_steps_are_scheduled_on_placeholders(qwen3_dir):
     assert seq.data.get_num_known_tokens() == seq.get_len() - 1 == 4 + 1
     decode_ids, prev = inputs[0][1]
     assert decode_ids == [placeholder_id(0)] and prev is not None  # decoded from the unread token
-    got = {"one": second[0]}
-    while engine.has_unfinished_requests():
-        got.update((o.request_id, o) for o in engine.step())
+    got = {"one": second[0], **_drain(engine)}
 
     sync = pair[1].llm_engine
     expected = {o.request_id: o for o in sync.step()}
     assert list(expected) == ["one"]  # reported in the step that sampled it
-    while sync.has_unfinished_requests():
+    for _ in range(MAX_STEPS):
+        if not sync.has_unfinished_requests():
+            break
+        assert all(s.data.num_placeholders == 0 for r in sync.scheduler.running for s in r.seqs)
         assert all(s.get_last_token_id() >= 0 for r in sync.scheduler.running for s in r.seqs)
         expected.update((o.request_id, o) for o in sync.step())
     assert all(min(ids) >= 0 and prev is None for ids, prev in inputs[1])
@@ -573,8 +584,7 @@ def test_abort_while_in_flight(qwen3_dir):
     ]
     assert victim.data.num_placeholders == 1
     engine.abort_request("b")
-    while engine.has_unfinished_requests():
-        got.update((o.request_id, o) for o in engine.step())
+    got.update(_drain(engine))
     _assert_clean(engine, finished)
 
     full_b = sync_llm.generate([requests["b"][0]], requests["b"][1], use_tqdm=False)[0].outputs[0]
