@@ -114,11 +114,9 @@ class SamplingMetadata:
         greedy = [p.temperature < SAMPLING_EPS for p in params]
         temperatures = [0.0 if g else p.temperature for g, p in zip(greedy, params)]
         top_ks = [vocab_size if p.top_k <= 0 else min(p.top_k, vocab_size) for p in params]
-        penalised = not all(
-            p.presence_penalty == 0.0 and p.frequency_penalty == 0.0 and p.repetition_penalty == 1.0
-            for p in params
-        )
-        prompt_ids, output_ids = _token_id_matrices(seqs, vocab_size, device, not penalised)
+        has_penalty = [uses_penalties(p) for p in params]
+        penalised = any(has_penalty)
+        prompt_ids, output_ids = _token_id_matrices(seqs, has_penalty, vocab_size, device)
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
 
         def tensor(values: list, used: bool, dtype=torch.float32) -> torch.Tensor | None:
@@ -199,15 +197,22 @@ def _min_tokens_stop_ids(
     return result
 
 
+def uses_penalties(p: SamplingParams) -> bool:
+    """Whether the row's logits depend on the token ids seen so far (a non-neutral penalty)."""
+    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
+
+
 def _token_id_matrices(
-    seqs: list[Sequence], vocab_size: int, device: torch.device, no_penalties: bool
+    seqs: list[Sequence], has_penalty: list[bool], vocab_size: int, device: torch.device
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Prompt and output ids as two right-padded matrices (padding = vocab_size)."""
-    if no_penalties:
-        return None, None  # penalties are the only reader: skip the O(total tokens) copy
+    """Prompt and output ids as two right-padded matrices (padding = vocab_size). Only rows with a
+    penalty read them, so the other rows are left empty: no O(tokens) copy for them, and no read of
+    ids the host may not know yet (m4's async scheduling keeps placeholders in unpenalised rows)."""
+    if not any(has_penalty):
+        return None, None  # penalties are the only reader: skip the copy entirely
     return (
-        _pad([seq.data.prompt_token_ids for seq in seqs], vocab_size, device),
-        _pad([seq.data.output_token_ids for seq in seqs], vocab_size, device),
+        _pad([s.data.prompt_token_ids if h else () for s, h in zip(seqs, has_penalty)], vocab_size, device),
+        _pad([s.data.output_token_ids if h else () for s, h in zip(seqs, has_penalty)], vocab_size, device),
     )
 
 

@@ -33,6 +33,7 @@ import torch
 from m0_config.sampling_params import SamplingParams
 from m0_config.sequence import Sequence
 from m1_sampling.sampler import SamplerOutput
+from m1_sampling.sampling_metadata import uses_penalties
 
 
 def placeholder_id(row: int) -> int:
@@ -56,8 +57,9 @@ def fill_placeholders_ref(input_ids: list[int], prev_sampled: list[int]) -> list
 
 def needs_token_values(sp: SamplingParams) -> bool:
     """Whether sampling this request's next token reads its previous output ids (the penalties do:
-    they count them), so the previous step's ids must be on the host first."""
-    return sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0 or sp.repetition_penalty != 1.0
+    they count them), so the previous step's ids must be on the host first. (A request without
+    penalties never reads them: its rows of the token-id matrices are left empty.)"""
+    return uses_penalties(sp)
 
 
 def copy_to_host(out: SamplerOutput) -> SamplerOutput:

@@ -94,11 +94,12 @@ def test_penalties_equal_hand_computation():
     logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.0, 3.0], [2.0, -1.0, 0.5, -0.5, 1.0, 3.0]])
     params = [
         SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25),
-        SamplingParams(),  # no penalties: untouched although it has a (longer, padded) history
+        SamplingParams(),  # no penalties: untouched, and its history is not even copied
     ]
-    # Row 0: prompt {0, 1}; output 2 twice and 3 once. Row 1's longer prompt pads row 0's matrix.
+    # Row 0: prompt {0, 1}; output 2 twice and 3 once. Row 1 has none: its rows are padding only.
     md = make_metadata(params, 6, prompts=[[0, 1], [0, 1, 2, 3, 4]], outputs=[[2, 3, 2], [5]])
-    assert md.prompt_token_ids[0].tolist() == [0, 1, 6, 6, 6]  # padded with vocab_size
+    assert md.prompt_token_ids.tolist() == [[0, 1], [6, 6]]  # padded with vocab_size
+    assert md.output_token_ids.tolist() == [[2, 3, 2], [6, 6, 6]]
     expected_row0 = [
         2.0 / 2,  # prompt, positive: divided by the repetition penalty
         -1.0 * 2,  # prompt, negative: multiplied
