@@ -21,6 +21,7 @@ kernels run in a captured graph too. Prints one JSON line per row.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -71,39 +72,45 @@ def paged_batch(q_lens: list[int], seq_lens: list[int], block_size: int, seed: i
 
 
 def bench_decode(
-    seq_lens: list[int], block_size: int, copy_gbs: float, splits: list[int | None], tile_ns=(None,)
+    seq_lens: list[int],
+    block_size: int,
+    copy_gbs: float,
+    splits: list[int | None],
+    tile_ns=(None,),
+    launch=((None, None),),
 ) -> None:
-    """One decode row per sequence over seq_lens[i] cached tokens; every (splits, tile_n) pair."""
+    """One decode row per sequence over seq_lens[i] cached tokens; every (splits, tile_n, (num_warps,
+    num_stages)) combination."""
     bs, ctx = len(seq_lens), max(seq_lens)
     q, k_cache, v_cache, cu, seq_lens_t, tables = paged_batch([1] * bs, seq_lens, block_size)
     kv_bytes = 2 * sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
     out = torch.empty_like(q)
     ragged = len(set(seq_lens)) > 1
-    for num_splits in splits:
-        for tile_n in tile_ns:
-            ms = triton.testing.do_bench_cudagraph(
-                lambda num_splits=num_splits, tile_n=tile_n: paged_attention(
-                    q,
-                    k_cache,
-                    v_cache,
-                    cu,
-                    seq_lens_t,
-                    tables,
-                    HEAD_DIM**-0.5,
-                    out=out,
-                    num_splits=num_splits,
-                    max_seqlen_k=ctx,
-                    tile_n=tile_n,
-                ),  # fmt: skip
-                return_mode="median",
-            )
-            gbs = kv_bytes / ms / 1e6
-            emit({
-                "kernel": "decode", "batch": bs,
-                "context": f"{min(seq_lens)}-{ctx} (mean {sum(seq_lens) // bs})" if ragged else ctx,
-                "block_size": block_size, "num_splits": num_splits or "auto", "tile_n": tile_n or "auto",
-                "us": round(ms * 1e3, 1), "GBps": round(gbs), "of_copy": round(gbs / copy_gbs, 3),
-            })  # fmt: skip
+    for num_splits, tile_n, (warps, stages) in itertools.product(splits, tile_ns, launch):
+        options = dict(num_splits=num_splits, tile_n=tile_n, num_warps=warps, num_stages=stages)
+        ms = triton.testing.do_bench_cudagraph(
+            lambda options=options: paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                cu,
+                seq_lens_t,
+                tables,
+                HEAD_DIM**-0.5,
+                out=out,
+                max_seqlen_k=ctx,
+                **options,
+            ),
+            return_mode="median",
+        )
+        gbs = kv_bytes / ms / 1e6
+        emit({
+            "kernel": "decode", "batch": bs,
+            "context": f"{min(seq_lens)}-{ctx} (mean {sum(seq_lens) // bs})" if ragged else ctx,
+            "block_size": block_size, "num_splits": num_splits or "auto", "tile_n": tile_n or "auto",
+            "num_warps": warps or "default", "num_stages": stages or "default",
+            "us": round(ms * 1e3, 1), "GBps": round(gbs), "of_copy": round(gbs / copy_gbs, 3),
+        })  # fmt: skip
 
 
 def ragged_lens(bs: int, lo: int, hi: int, seed: int = 0) -> list[int]:
@@ -135,11 +142,17 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--quick", action="store_true", help="fewer rows")
     p.add_argument("--sweep", action="store_true", help="decode only: split counts x key-tile sizes")
+    p.add_argument("--launch-sweep", action="store_true", help="decode only: num_warps x num_stages")
     args = p.parse_args(argv)
     emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__})
     copy_gbs, tflops = ceilings()
     cases = [(1, 4096), (1, 16384), (8, 4096), (16, 8192), (64, 4096), (256, 4096), (64, 16384), (256, 512)]
     sweep = [None, 1, 2, 4, 8, 16]
+    if args.launch_sweep:  # Triton's launch options at the default splits and tiles
+        launch = list(itertools.product([2, 4, 8], [2, 3, 4, 5]))
+        for lens in ([4096], [16384], ragged_lens(64, 200, 2048), ragged_lens(160, 200, 2048)):
+            bench_decode(lens, args.block_size, copy_gbs, [None], (None,), launch)
+        return
     if args.sweep:  # split counts and key-tile sizes for batch 1 and for the throughput run's mix
         for lens in ([4096], [16384], ragged_lens(64, 200, 2048), ragged_lens(160, 200, 2048)):
             bench_decode(lens, args.block_size, copy_gbs, [None, 1, 2, 4, 8, 16, 32, 64], (32, 64, 128))

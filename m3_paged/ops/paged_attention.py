@@ -245,6 +245,8 @@ def paged_attention(
     max_seqlen_k: int | None = None,
     block_m: int | None = None,
     tile_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton version of `paged_attention_ref`; same arguments, same result, same padding contract.
 
@@ -254,6 +256,7 @@ def paged_attention(
     max_seqlen_k: max(seq_lens), used only by the automatic choice on decode-only batches; pass it
         to avoid a device-to-host sync (CUDA graphs should pass num_splits instead).
     block_m, tile_n: tile sizes (powers of two, >= 16; block_m >= group); None picks defaults.
+    num_warps, num_stages: Triton launch options for the attention kernel (None: Triton's defaults).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -328,6 +331,7 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         # float32 runs use true fp32 products (not TF32) so that they match the reference closely.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
