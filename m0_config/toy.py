@@ -19,6 +19,17 @@ import torch
 
 TOY_VERSION = 1  # bump when the toy format changes, so cached folders are rebuilt
 
+# Prompts that exercise the toy tokenizer: short and long, multi-byte ("你好") and a single character.
+# The engines' tests share them (m3, m4 and m5 compare milestones on exactly these).
+TOY_PROMPTS = (
+    "Hello, my name is",
+    "The model",
+    "a cache block page attention query key value batch step prefill decode schedule",
+    "你好",
+    "x",
+    "a cache block page attention query key value batch step prefill decode schedule sequence",
+)
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

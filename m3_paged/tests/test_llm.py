@@ -7,18 +7,12 @@ import pytest
 
 import m2_kvcache
 from m0_config.sequence import SequenceStatus
+from m0_config.toy import TOY_PROMPTS
 from m3_paged import LLM, BeamSearchParams, SamplingParams
 
 pytestmark = pytest.mark.m3
 
-PROMPTS = [
-    "Hello, my name is",
-    "The model",
-    "a cache block page attention query key value batch step prefill decode schedule",
-    "你好",
-    "x",
-    "a cache block page attention query key value batch step prefill decode schedule sequence",
-]
+PROMPTS = list(TOY_PROMPTS)
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 GPU_KV_BYTES = 1 << 28  # GPU tests build several engines in one process: each gets a fixed budget
 

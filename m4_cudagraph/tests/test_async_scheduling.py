@@ -15,6 +15,7 @@ import torch
 import m3_paged
 from m0_config.config import EngineConfig
 from m0_config.sequence import Sequence, SequenceData, SequenceStatus
+from m0_config.toy import TOY_PROMPTS
 from m4_cudagraph import LLM, SamplingParams
 from m4_cudagraph.async_scheduling import (
     fill_placeholders,
@@ -25,14 +26,7 @@ from m4_cudagraph.async_scheduling import (
 
 pytestmark = pytest.mark.m4
 
-PROMPTS = [
-    "Hello, my name is",
-    "The model",
-    "a cache block page attention query key value batch step prefill decode schedule",
-    "你好",
-    "x",
-    "a cache block page attention query key value batch step prefill decode schedule sequence",
-]
+PROMPTS = list(TOY_PROMPTS)
 
 MAX_STEPS = 1000  # every workload here finishes in far fewer steps
 

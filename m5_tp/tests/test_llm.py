@@ -20,18 +20,12 @@ import pytest
 import torch
 
 import m4_cudagraph
+from m0_config.toy import TOY_PROMPTS
 from m5_tp import LLM, SamplingParams
 
 pytestmark = pytest.mark.m5
 
-PROMPTS = [
-    "Hello, my name is",
-    "The model",
-    "a cache block page attention query key value batch step prefill decode schedule",
-    "你好",
-    "x",
-    "a cache block page attention query key value batch step prefill decode schedule sequence",
-]
+PROMPTS = list(TOY_PROMPTS)
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 CHUNKED = dict(block_size=4, max_num_seqs=8, max_num_batched_tokens=16)  # 16 tokens a step: chunks
 # 24 blocks of 4 tokens for 6 sequences of up to ~45 tokens: preemption.
