@@ -9,6 +9,7 @@ from m3_paged.llm_engine import LLMEngine as PagedEngine
 from m3_paged.scheduler import SchedulerOutput
 from m4_cudagraph.async_scheduling import StepInFlight, needs_token_values, take_rows
 from m4_cudagraph.model_runner import ModelRunner
+from m4_cudagraph.sampler import sampler_for
 
 
 class LLMEngine(PagedEngine):
@@ -16,6 +17,7 @@ class LLMEngine(PagedEngine):
 
     def __init__(self, config: EngineConfig):
         super().__init__(config)
+        self.sampler = sampler_for(config.model_config.device)  # one fused kernel for plain batches
         self.async_scheduling = self.resolve_async_scheduling()
         self.in_flight: StepInFlight | None = None  # the launched step whose tokens are not read yet
 

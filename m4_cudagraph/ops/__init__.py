@@ -11,6 +11,8 @@ layers in a single pass over its input:
   Qwen3's per-head q/k norm on a view of the fused qkv projection.
 - `rotary_embedding` / `rotary_embedding_ref`: rotate-half RoPE applied to q and k in place.
 - `silu_and_mul` / `silu_and_mul_ref`: silu(gate) * up over the fused gate/up projection.
+- `sample_temperature` / `sample_temperature_ref`: the sampler of a temperature-only batch (greedy
+  or Gumbel-max) with the chosen tokens' raw logprobs, in one pass over the logits.
 
 Importing `m3_paged.ops` first sets TRITON_INTERPRET=1 when there is no GPU (see its docstring),
 so these kernels run in Triton's interpreter in the CPU tests.
@@ -20,6 +22,7 @@ import m3_paged.ops  # noqa: F401  (sets TRITON_INTERPRET before the kernels bel
 
 from .rms_norm import rms_norm, rms_norm_ref  # noqa: E402
 from .rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
+from .sample import sample_temperature, sample_temperature_ref  # noqa: E402
 from .silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "rms_norm_ref",
     "rotary_embedding",
     "rotary_embedding_ref",
+    "sample_temperature",
+    "sample_temperature_ref",
     "silu_and_mul",
     "silu_and_mul_ref",
 ]

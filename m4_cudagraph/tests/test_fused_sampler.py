@@ -1,0 +1,110 @@
+"""The fused temperature sampler (m4_cudagraph/ops/sample.py) against its torch reference, its
+Philox noise against the distribution it must sample, and m4's FusedSampler against m1's Sampler.
+
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors; the `gpu` cases repeat the
+comparisons at Qwen3's vocabulary size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m0_config.sampling_params import SamplingParams
+from m0_config.sequence import Sequence
+from m1_sampling.sampler import Sampler
+from m1_sampling.sampling_metadata import SamplingMetadata
+from m4_cudagraph.ops import sample_temperature, sample_temperature_ref
+from m4_cudagraph.sampler import FusedSampler, temperature_only
+
+pytestmark = pytest.mark.m4
+
+CASES = [  # (device, num_seqs, vocab_size)
+    ("cpu", 5, 3000),
+    ("cpu", 3, 17),
+    pytest.param("cuda", 256, 151936, marks=pytest.mark.gpu),
+    pytest.param("cuda", 7, 5000, marks=pytest.mark.gpu),
+]
+
+
+def _skip_without(device):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("device,num_seqs,vocab", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_reference(device, num_seqs, vocab, dtype):
+    _skip_without(device)
+    g = torch.Generator().manual_seed(num_seqs * vocab)
+    # A strided view (rows wider than the vocabulary), as logits sliced out of a larger buffer are.
+    wide = torch.randn(num_seqs, vocab + 3, generator=g).to(dtype)
+    logits = wide[:, :vocab].to(device)
+    temperatures = torch.tensor([[0.0, 0.6, 1.0, 1.7][i % 4] for i in range(num_seqs)]).to(device)
+    uniforms = torch.rand(num_seqs, vocab, generator=g).to(device)
+    ids, logprobs = sample_temperature(logits, temperatures, seed=0, uniforms=uniforms)
+    ref_ids, ref_logprobs = sample_temperature_ref(logits, temperatures, uniforms)
+    assert ids.tolist() == ref_ids.tolist()
+    torch.testing.assert_close(logprobs, ref_logprobs, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_greedy_takes_the_first_maximum_across_blocks(device):
+    """Ties resolve to the lowest index, as torch.argmax does, also when the copies of the maximum
+    lie in different loop blocks (the kernel reads 2,048 entries at a time)."""
+    _skip_without(device)
+    logits = torch.zeros(2, 5000)
+    logits[0, [4100, 100, 2500]] = 3.0  # first maximum at 100
+    logits[1, [4999, 2049]] = 1.0  # first maximum at 2049 (second block)
+    logits = logits.to(device)
+    ids, _ = sample_temperature(logits, torch.zeros(2, device=device), seed=0)
+    assert ids.tolist() == [100, 2049] == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("device,rows", [("cpu", 500), pytest.param("cuda", 20000, marks=pytest.mark.gpu)])
+def test_philox_noise_samples_the_softmax(device, rows):
+    """Many rows of the same logits at T = 0.7: the token frequencies must match softmax(x / T)
+    (chi-square with 7 degrees of freedom; 24.3 is its 0.999 quantile; every expected count is
+    >= 40), and another seed must give other draws."""
+    _skip_without(device)
+    x = torch.tensor([0.3, 0.0, -0.3, 0.5, 0.1, -0.2, 0.4, 0.2])
+    t = 0.7
+    logits = x.repeat(rows, 1).to(device)
+    ids, logprobs = sample_temperature(logits, torch.full((rows,), t, device=device), seed=1234)
+    counts = torch.bincount(ids.cpu(), minlength=8).double()
+    expected = torch.softmax(x.double() / t, dim=0) * rows
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 24.3, (counts.tolist(), expected.tolist())
+    torch.testing.assert_close(logprobs.cpu(), torch.log_softmax(x, 0)[ids.cpu()])
+    other, _ = sample_temperature(logits[:50], torch.full((50,), t, device=device), seed=99)
+    assert other.tolist() != ids[:50].tolist()
+
+
+def _metadata(params, device="cpu", vocab=64):
+    seqs = [Sequence(i, None, [1, 2, 3]) for i in range(len(params))]
+    return SamplingMetadata.from_sequences(seqs, params, [None] * len(params), [0], vocab, device)
+
+
+def test_only_temperature_batches_take_the_fused_path():
+    plain = _metadata([SamplingParams(temperature=0.8), SamplingParams(temperature=0)])
+    assert temperature_only(plain)
+    for special in (dict(top_k=5), dict(top_p=0.9), dict(logprobs=2), dict(repetition_penalty=1.2),
+                    dict(min_p=0.1), dict(min_tokens=2)):  # fmt: skip
+        assert not temperature_only(_metadata([SamplingParams(temperature=0.8, **special)])), special
+    seeded = SamplingMetadata.from_sequences(
+        [Sequence(0, None, [1])], [SamplingParams(temperature=0.8, seed=1)],
+        [torch.Generator().manual_seed(1)], [0], 64, "cpu",
+    )  # fmt: skip
+    assert not temperature_only(seeded)
+
+
+def test_fused_sampler_equals_m1_on_greedy_and_falls_back_otherwise():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 64, generator=g)
+    greedy = _metadata([SamplingParams(temperature=0)] * 4)
+    fused, plain = FusedSampler()(logits, greedy), Sampler()(logits, greedy)
+    assert fused.sampled_token_ids.tolist() == plain.sampled_token_ids.tolist()
+    torch.testing.assert_close(fused.logprobs, plain.logprobs)
+    # A batch asking for logprobs is m1's path: ranks and top-k come back.
+    with_logprobs = _metadata([SamplingParams(temperature=0, logprobs=3)] * 4)
+    out = FusedSampler()(logits, with_logprobs)
+    assert out.ranks is not None and out.topk_token_ids.shape == (4, 3)
