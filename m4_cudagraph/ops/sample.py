@@ -10,8 +10,9 @@ The second line is a draw from softmax(x / T_r). It is m1's exponential race (ar
 q_i ~ Exp(1)) taken in log space: log p_i - log q_i, and -log q_i = -log(-log u_i) for u_i ~ U(0, 1)
 is a Gumbel(0, 1) sample. m1 runs this as about eight kernels, each reading or writing a
 (num_seqs, vocab_size) float32 matrix (log-softmax, the division by T, softmax, the draw of q, the
-clamp, p / q, argmax); here one program per row reads the logits once, keeps a running logsumexp
-and a running best score, and writes two numbers. The uniforms come from Triton's Philox generator
+clamp, p / q, argmax); here the logits are read once: each program takes a block of a row and
+writes four numbers (its max, sum of exponentials, best score and where), and a few tiny ops
+combine the blocks of each row. The uniforms come from Triton's Philox generator
 keyed by (seed, row * vocab_size + i): a step draws one seed from torch's global CPU generator, so a
 run is reproducible under `LLM(seed=...)` without any read-back from the GPU.
 
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 2048  # vocabulary entries per loop iteration
+BLOCK = 4096  # vocabulary entries per program
 
 
 def gumbel(uniforms: torch.Tensor) -> torch.Tensor:
@@ -47,9 +48,11 @@ def sample_temperature_ref(
 
 
 @triton.jit
-def _sample_kernel(
-    ids_ptr,  # (num_seqs,) int64 out
-    logprobs_ptr,  # (num_seqs,) float32 out
+def _sample_block_kernel(
+    max_ptr,  # (num_seqs, num_blocks) float32 out: max of the raw logits in the block
+    sumexp_ptr,  # (num_seqs, num_blocks) float32 out: sum of exp(x - that max)
+    best_ptr,  # (num_seqs, num_blocks) float32 out: the block's best score
+    best_idx_ptr,  # (num_seqs, num_blocks) int64 out: where (the first on ties)
     logits_ptr,  # (num_seqs, vocab_size), rows strided
     temperatures_ptr,  # (num_seqs,) float32
     uniforms_ptr,  # (num_seqs, vocab_size) float32, read only when UNIFORMS_FROM_TENSOR
@@ -60,50 +63,52 @@ def _sample_kernel(
     UNIFORMS_FROM_TENSOR: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    num_blocks = tl.num_programs(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < vocab_size
+    x = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    m = tl.max(x, axis=0)
+    tl.store(max_ptr + row * num_blocks + block, m)
+    tl.store(sumexp_ptr + row * num_blocks + block, tl.sum(tl.where(mask, tl.exp(x - m), 0.0), axis=0))
     t = tl.load(temperatures_ptr + row)
-    greedy = t == 0.0
-    inv_t = 1.0 / tl.where(greedy, 1.0, t)
-    m = -float("inf")  # running max of the raw logits
-    s = 0.0  # running sum of exp(x - m)
-    best = -float("inf")  # best score so far, and where
-    best_idx = 0
-    for start in range(0, vocab_size, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab_size
-        x = tl.load(logits_ptr + row * stride_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.where(mask, tl.exp(x - m_new), 0.0), axis=0)
-        m = m_new
+    if t == 0.0:  # greedy: no noise to draw
+        score = x
+    else:
         if UNIFORMS_FROM_TENSOR:
             u = tl.load(uniforms_ptr + row * vocab_size + cols, mask=mask, other=0.5)
         else:
             u = tl.rand(seed, row * vocab_size + cols)
-        noise = -tl.log(-tl.log(u))
-        score = tl.where(greedy, x, x * inv_t + noise)
-        score = tl.where(mask, score, -float("inf"))
-        chunk_best = tl.max(score, axis=0)
-        chunk_idx = tl.argmax(score, axis=0, tie_break_left=True)
-        # Strictly greater: on ties the earlier block keeps the win, so the first maximum wins overall.
-        best_idx = tl.where(chunk_best > best, start + chunk_idx, best_idx)
-        best = tl.maximum(best, chunk_best)
-    x_best = tl.load(logits_ptr + row * stride_row + best_idx).to(tl.float32)
-    tl.store(ids_ptr + row, best_idx.to(tl.int64))
-    tl.store(logprobs_ptr + row, x_best - (m + tl.log(s)))
+        score = tl.where(mask, x / t - tl.log(-tl.log(u)), -float("inf"))
+    tl.store(best_ptr + row * num_blocks + block, tl.max(score, axis=0))
+    best_idx = block * BLOCK + tl.argmax(score, axis=0, tie_break_left=True)
+    tl.store(best_idx_ptr + row * num_blocks + block, best_idx.to(tl.int64))
 
 
 def sample_temperature(
     logits: torch.Tensor, temperatures: torch.Tensor, seed: int, uniforms: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of `sample_temperature_ref`. Without `uniforms` the noise is Philox(seed, i)."""
+    """Triton version of `sample_temperature_ref`. Without `uniforms` the noise is Philox(seed, i).
+
+    Each program takes one block of one row (so even a single row spreads over the GPU) and writes
+    its block's max, sum of exponentials and best score; a few small torch ops then combine the
+    blocks: logsumexp from (max, sumexp), the winner as the first block holding the best score."""
     num_seqs, vocab_size = logits.shape
     assert logits.stride(1) == 1 and temperatures.shape == (num_seqs,), (logits.stride(), temperatures.shape)
-    ids = torch.empty(num_seqs, dtype=torch.int64, device=logits.device)
-    logprobs = torch.empty(num_seqs, dtype=torch.float32, device=logits.device)
+    block = min(BLOCK, triton.next_power_of_2(vocab_size))
+    num_blocks = triton.cdiv(vocab_size, block)
+    partial = torch.empty(3, num_seqs, num_blocks, dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty(num_seqs, num_blocks, dtype=torch.int64, device=logits.device)
     if num_seqs == 0:
-        return ids, logprobs
-    _sample_kernel[(num_seqs,)](
-        ids, logprobs, logits, temperatures.float(), logprobs if uniforms is None else uniforms,
-        vocab_size, logits.stride(0), seed, BLOCK=min(BLOCK, triton.next_power_of_2(vocab_size)),
-        UNIFORMS_FROM_TENSOR=uniforms is not None, num_warps=8,
+        return best_idx[:, 0], partial[0, :, 0]
+    block_max, sumexp, best = partial
+    _sample_block_kernel[(num_seqs, num_blocks)](
+        block_max, sumexp, best, best_idx, logits, temperatures.float(),
+        block_max if uniforms is None else uniforms, vocab_size, logits.stride(0), seed,
+        BLOCK=block, UNIFORMS_FROM_TENSOR=uniforms is not None,
     )  # fmt: skip
-    return ids, logprobs
+    row_max = block_max.max(dim=1, keepdim=True).values  # (num_seqs, 1)
+    log_z = row_max.squeeze(1) + (sumexp * torch.exp(block_max - row_max)).sum(dim=1).log()
+    ids = best_idx.gather(1, best.argmax(dim=1, keepdim=True))  # (num_seqs, 1); argmax: first block
+    logprobs = logits.gather(1, ids).squeeze(1).float() - log_z
+    return ids.squeeze(1), logprobs

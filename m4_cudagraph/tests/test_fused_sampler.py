@@ -50,14 +50,14 @@ def test_kernel_equals_reference(device, num_seqs, vocab, dtype):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_greedy_takes_the_first_maximum_across_blocks(device):
     """Ties resolve to the lowest index, as torch.argmax does, also when the copies of the maximum
-    lie in different loop blocks (the kernel reads 2,048 entries at a time)."""
+    lie in different blocks (a program reads 4,096 entries)."""
     _skip_without(device)
-    logits = torch.zeros(2, 5000)
-    logits[0, [4100, 100, 2500]] = 3.0  # first maximum at 100
-    logits[1, [4999, 2049]] = 1.0  # first maximum at 2049 (second block)
+    logits = torch.zeros(2, 9000)
+    logits[0, [8200, 100, 4500]] = 3.0  # first maximum at 100 (first block)
+    logits[1, [8999, 4097]] = 1.0  # first maximum at 4097 (second block)
     logits = logits.to(device)
     ids, _ = sample_temperature(logits, torch.zeros(2, device=device), seed=0)
-    assert ids.tolist() == [100, 2049] == logits.argmax(dim=-1).tolist()
+    assert ids.tolist() == [100, 4097] == logits.argmax(dim=-1).tolist()
 
 
 @pytest.mark.parametrize("device,rows", [("cpu", 500), pytest.param("cuda", 20000, marks=pytest.mark.gpu)])
