@@ -29,7 +29,8 @@ def temperature_only(metadata: SamplingMetadata) -> bool:
 
 class FusedSampler(Sampler):
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        if not temperature_only(metadata):
+        # An all-greedy batch is already cheap in m1 (log-softmax, gather, argmax).
+        if metadata.all_greedy or not temperature_only(metadata):
             return super().forward(logits, metadata)
         # One seed per step from torch's global CPU generator: reproducible, and no GPU read-back.
         seed = int(torch.randint(2**31 - 1, ()))

@@ -47,7 +47,8 @@ def sample_temperature_ref(
     return ids, logprobs
 
 
-@triton.jit
+# The seed changes every step and the vocabulary/stride per model: one compiled variant for all.
+@triton.jit(do_not_specialize=["vocab_size", "stride_row", "seed"])
 def _sample_block_kernel(
     max_ptr,  # (num_seqs, num_blocks) float32 out: max of the raw logits in the block
     sumexp_ptr,  # (num_seqs, num_blocks) float32 out: sum of exp(x - that max)

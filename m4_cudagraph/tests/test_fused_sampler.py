@@ -97,13 +97,24 @@ def test_only_temperature_batches_take_the_fused_path():
     assert not temperature_only(seeded)
 
 
-def test_fused_sampler_equals_m1_on_greedy_and_falls_back_otherwise():
+def test_fused_sampler_equals_m1_on_greedy_rows_and_falls_back_otherwise(monkeypatch):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 64, generator=g)
+    calls = []
+    import m4_cudagraph.sampler as fused_module
+
+    kernel = fused_module.sample_temperature
+    monkeypatch.setattr(fused_module, "sample_temperature", lambda *a: calls.append(1) or kernel(*a))
+    # Greedy rows in a batch that also samples take the kernel and equal m1's argmax and logprob.
+    mixed = _metadata([SamplingParams(temperature=0), SamplingParams(temperature=0.9)] * 2)
+    fused, plain = FusedSampler()(logits, mixed), Sampler()(logits, mixed)
+    assert calls == [1]
+    assert fused.sampled_token_ids[::2].tolist() == plain.sampled_token_ids[::2].tolist()
+    torch.testing.assert_close(fused.logprobs[::2], plain.logprobs[::2])
+    # An all-greedy batch stays on m1's three-kernel path.
     greedy = _metadata([SamplingParams(temperature=0)] * 4)
-    fused, plain = FusedSampler()(logits, greedy), Sampler()(logits, greedy)
-    assert fused.sampled_token_ids.tolist() == plain.sampled_token_ids.tolist()
-    torch.testing.assert_close(fused.logprobs, plain.logprobs)
+    assert FusedSampler()(logits, greedy).sampled_token_ids.tolist() == logits.argmax(-1).tolist()
+    assert calls == [1]
     # A batch asking for logprobs is m1's path: ranks and top-k come back.
     with_logprobs = _metadata([SamplingParams(temperature=0, logprobs=3)] * 4)
     out = FusedSampler()(logits, with_logprobs)
