@@ -170,9 +170,7 @@ def _only_temperature(p: SamplingParams) -> bool:
         p.top_p >= 1.0
         and p.top_k <= 0
         and p.min_p <= 0.0
-        and p.presence_penalty == 0.0
-        and p.frequency_penalty == 0.0
-        and p.repetition_penalty == 1.0
+        and not uses_penalties(p)
         and p.logprobs is None
         and p.min_tokens == 0
     )
