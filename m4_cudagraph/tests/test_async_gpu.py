@@ -3,6 +3,8 @@ and the host never waits for the GPU while it schedules and launches a step."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -56,3 +58,34 @@ def test_gpu_async_steps_never_synchronize(toy_model_dir):
                     engine.step()
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_gpu_async_step_returns_while_the_gpu_is_busy(toy_model_dir):
+    """The overlap itself, timed. The sync debug mode above sees only the waits torch requests; a
+    stall inside the driver (a "non_blocking" copy from pageable memory) slips past it. So: with a
+    step in flight, queue a long GPU spin and call step() once more. The async step queues its work
+    behind the spin and reads the previous step, which finished before the spin: it returns long
+    before the GPU is free. The synchronous step must wait the spin out."""
+    prompts, params = _workload(16)
+    for async_scheduling in (True, False):
+        engine = _llm(toy_model_dir("qwen3"), max_num_seqs=8, async_scheduling=async_scheduling).llm_engine
+        for i, (p, sp) in enumerate(zip(prompts, params)):
+            engine.add_request(str(i), None, p, sp)
+        for _ in range(4):  # past the prefills; async: a decode step is now in flight
+            engine.step()
+        assert (engine.in_flight is not None) == async_scheduling
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.cuda._sleep(1_000_000_000)  # about half a second of GPU clock cycles
+        torch.cuda.synchronize()
+        busy = time.perf_counter() - start
+        torch.cuda._sleep(1_000_000_000)
+        start = time.perf_counter()
+        engine.step()
+        took = time.perf_counter() - start
+        torch.cuda.synchronize()
+        assert busy > 0.2, busy
+        if async_scheduling:
+            assert took < busy / 2, (took, busy)
+        else:
+            assert took > busy * 0.8, (took, busy)
