@@ -51,17 +51,43 @@ def count_kernels(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def kernel_breakdown(graph, replays: int = 20, top: int = 12) -> dict:
+    """GPU time per replay of a captured step, by kernel name (the profiler sees inside graphs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_name.setdefault(e.name[:60], []).append(e.device_time)
+    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
+    busy_us = sum(sum(times) for _, times in rows) / replays
+    return {
+        "kernels_per_step": sum(len(t) for _, t in rows) / replays,
+        "busy_us": round(busy_us, 1),
+        "top": [
+            {"name": n, "count": len(t) // replays, "us": round(sum(t) / replays, 1)} for n, t in rows[:top]
+        ],
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model")
     p.add_argument("--preset", default="qwen3-0.6b")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
     p.add_argument("--context", type=int, default=512)
+    p.add_argument("--profile", action="store_true", help="also: GPU time per kernel name in a replay")
     args = p.parse_args(argv)
     from m4_cudagraph import LLM
 
     model = args.model or toy_checkpoint("qwen3", preset=args.preset, dtype="bfloat16")
-    llm = LLM(model, max_num_seqs=max(args.batch_sizes), max_model_len=4096)
+    llm = LLM(model, max_num_seqs=max(args.batch_sizes), max_model_len=max(4096, args.context + 1))
     runner = llm.llm_engine.model_runner
     rows = {}
     with torch.inference_mode():
@@ -75,6 +101,8 @@ def main(argv=None) -> dict:
                 "graph_ms": round(graph, 3),
                 "speedup": round(eager / graph, 2),
             }
+            if args.profile:
+                rows[bs]["profile"] = kernel_breakdown(runner.graphs[bs])
     result = {
         "benchmark": "decode_step",
         "context": args.context,

@@ -7,7 +7,12 @@ host's own time (schedule, launch = inputs + graph replay + sampler launch, reso
 previous step's tokens and appending them) and `wait`, the time the host sits blocked on the
 previous step's GPU work. A large `wait` means the GPU sets the pace; none means the host does.
 
+`--gpu-timeline` (async engines) instead records a CUDA event before and after each launched step:
+the GPU's own time per step (split into prefill-carrying and decode-only steps) and the gaps in which
+it sat idle waiting for the host. Busy + idle = the run's GPU wall time.
+
     python -m benchmarks.profile_steps --milestone m4_cudagraph --preset qwen3-0.6b --scale 0.25
+    python -m benchmarks.profile_steps --preset qwen3-0.6b --scale 1.0 --gpu-timeline
 """
 
 from __future__ import annotations
@@ -36,6 +41,93 @@ def _timed(phases, name, fn, sync: bool = True):
     return wrapper
 
 
+def record_gpu_timeline(engine) -> list:
+    """Wrap `engine._launch` to put a CUDA event before and after each step's GPU work; returns the
+    list it fills with (start, end, num_prefill_tokens, num_seqs)."""
+    events, launch = [], engine._launch
+
+    def timed_launch(so):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        result = launch(so)
+        end.record()
+        prefill = sum(n for seq, n in zip(so.seqs, so.num_scheduled_tokens) if n > 1)
+        events.append((start, end, prefill, len(so.seqs), sum(seq.get_len() for seq in so.seqs)))
+        return result
+
+    engine._launch = timed_launch
+    return events
+
+
+def summarize_timeline(events, kv_bytes_per_token: int) -> dict:
+    """GPU busy time by kind of step and the idle gaps between steps, in seconds."""
+    torch.cuda.synchronize()
+    busy = collections.Counter()
+    steps = collections.Counter()
+    idle = 0.0
+    kv_bytes = collections.Counter()
+    for i, (start, end, prefill, num_seqs, kv_tokens) in enumerate(events):
+        kind = (
+            "prefill"
+            if prefill
+            else f"decode_bs{'<=16' if num_seqs <= 16 else '<=64' if num_seqs <= 64 else '>64'}"
+        )
+        busy[kind] += start.elapsed_time(end) / 1e3
+        steps[kind] += 1
+        kv_bytes[kind] += kv_tokens * kv_bytes_per_token
+        if i:
+            idle += max(0.0, events[i - 1][1].elapsed_time(start) / 1e3)
+    return {
+        "gpu_busy_s": {k: round(v, 3) for k, v in busy.items()},
+        "steps": dict(steps),
+        "kv_cache_read_GB": {k: round(v / 1e9, 1) for k, v in kv_bytes.items()},
+        "gpu_busy_total_s": round(sum(busy.values()), 3),
+        "gpu_idle_between_steps_s": round(idle, 3),
+        "gpu_span_s": round(events[0][0].elapsed_time(events[-1][1]) / 1e3, 3),
+    }
+
+
+def kv_bytes_per_token(engine) -> int:
+    return engine.config.model_config.kv_cache_bytes_per_token()
+
+
+def profile_kernels(engine, first_step: int, num_steps: int) -> dict:
+    """Wrap `engine.step` so that steps [first_step, first_step + num_steps) run under the torch
+    profiler; returns the dict it fills with GPU time per kernel name per step and the KV bytes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    report, step, count = {}, engine.step, [0]
+    kv_tokens, launch = [0], engine._launch
+    prof = profile(activities=[ProfilerActivity.CUDA])
+
+    def counting_launch(so):
+        if first_step <= count[0] < first_step + num_steps:
+            kv_tokens[0] += sum(seq.get_len() for seq in so.seqs)
+            report.setdefault("batch_sizes", []).append(len(so.seqs))
+        return launch(so)
+
+    def profiled_step():
+        if count[0] == first_step:
+            torch.cuda.synchronize()
+            prof.start()
+        out = step()
+        count[0] += 1
+        if count[0] == first_step + num_steps:
+            torch.cuda.synchronize()
+            prof.stop()
+            per_name = collections.Counter()
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    per_name[e.name[:50]] += e.device_time / num_steps
+            report["kernel_us_per_step"] = {k: round(v, 1) for k, v in per_name.most_common(14)}
+            report["gpu_kernel_us_per_step"] = round(sum(per_name.values()), 1)
+            report["kv_GB_per_step"] = round(kv_tokens[0] * kv_bytes_per_token(engine) / num_steps / 1e9, 3)
+        return out
+
+    engine.step, engine._launch = profiled_step, counting_launch
+    return report
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--milestone", default="m4_cudagraph")
@@ -43,6 +135,8 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", default=None)
     p.add_argument("--scale", type=float, default=0.25)
     p.add_argument("--llm-kwargs", default="{}")
+    p.add_argument("--gpu-timeline", action="store_true", help="CUDA events per step (async engines)")
+    p.add_argument("--kernel-profile", type=int, nargs=2, metavar=("FIRST_STEP", "STEPS"), default=None)
     args = p.parse_args(argv)
     model = args.model or toy_checkpoint(
         "qwen3", **({"preset": args.preset, "dtype": "bfloat16"} if args.preset else {})
@@ -53,20 +147,11 @@ def main(argv=None) -> dict:
     llm = importlib.import_module(args.milestone).LLM(model, **json.loads(args.llm_kwargs))
     llm.generate(["warm-up"], params[0], use_tqdm=False)
     engine, phases = llm.llm_engine, collections.Counter()
-    # Instance attributes shadow the methods for this benchmark run only.
     is_async = getattr(engine, "async_scheduling", False)
-    engine.scheduler.schedule = _timed(phases, "schedule", engine.scheduler.schedule, not is_async)
-    engine.scheduler.update_from_output = _timed(
-        phases, "update", engine.scheduler.update_from_output, not is_async
-    )
-    if is_async:
-        engine._launch = _timed(phases, "launch", engine._launch, sync=False)
-        engine._resolve = _timed(phases, "resolve (incl. wait)", engine._resolve, sync=False)
-        original_wait = engine._wait_for
-        engine._wait_for = _timed(phases, "wait", original_wait, sync=False)
-    else:
-        engine.model_runner.execute_model = _timed(phases, "model", engine.model_runner.execute_model)
-        engine._sample_and_append = _timed(phases, "sample+append", engine._sample_and_append)
+    timeline = record_gpu_timeline(engine) if args.gpu_timeline else None
+    kernels = profile_kernels(engine, *args.kernel_profile) if args.kernel_profile else None
+    if timeline is None and kernels is None:
+        _wrap_phases(engine, phases, is_async)
     steps = 0
     original_step = engine.step
 
@@ -84,14 +169,35 @@ def main(argv=None) -> dict:
         "steps": steps,
         "seconds": round(total, 3),
         "tokens_per_s": round(sum(sp.max_tokens for sp in params) / total, 1),
-        "ms_per_step": {k: round(1000 * v / steps, 3) for k, v in phases.items()},
-        "ms_per_step_other": round(
-            1000 * (total - sum(v for k, v in phases.items() if k != "wait")) / steps, 3
-        ),
         "async_scheduling": is_async,
     }
+    if timeline is not None:
+        result.update(summarize_timeline(timeline, kv_bytes_per_token(engine)))
+    if kernels is not None:
+        result["kernel_profile"] = kernels
+    if timeline is None and kernels is None:
+        result["ms_per_step"] = {k: round(1000 * v / steps, 3) for k, v in phases.items()}
+        result["ms_per_step_other"] = round(
+            1000 * (total - sum(v for k, v in phases.items() if k != "wait")) / steps, 3
+        )
     print(json.dumps(result))
     return result
+
+
+def _wrap_phases(engine, phases, is_async: bool) -> None:
+    """Instance attributes shadow the methods for this benchmark run only."""
+    engine.scheduler.schedule = _timed(phases, "schedule", engine.scheduler.schedule, not is_async)
+    engine.scheduler.update_from_output = _timed(
+        phases, "update", engine.scheduler.update_from_output, not is_async
+    )
+    if is_async:
+        engine._launch = _timed(phases, "launch", engine._launch, sync=False)
+        engine._resolve = _timed(phases, "resolve (incl. wait)", engine._resolve, sync=False)
+        original_wait = engine._wait_for
+        engine._wait_for = _timed(phases, "wait", original_wait, sync=False)
+    else:
+        engine.model_runner.execute_model = _timed(phases, "model", engine.model_runner.execute_model)
+        engine._sample_and_append = _timed(phases, "sample+append", engine._sample_and_append)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from m0_config.sampling_params import SamplingParams
 from m0_config.sequence import Sequence
 from m1_sampling.sampler import Sampler
 from m1_sampling.sampling_metadata import SamplingMetadata
 from m4_cudagraph.ops import sample_temperature, sample_temperature_ref
+from m4_cudagraph.ops.sample import _philox_uniforms
 from m4_cudagraph.sampler import FusedSampler, temperature_only
 
 pytestmark = pytest.mark.m4
@@ -119,3 +122,28 @@ def test_fused_sampler_equals_m1_on_greedy_rows_and_falls_back_otherwise(monkeyp
     with_logprobs = _metadata([SamplingParams(temperature=0, logprobs=3)] * 4)
     out = FusedSampler()(logits, with_logprobs)
     assert out.ranks is not None and out.topk_token_ids.shape == (4, 3)
+
+
+@triton.jit
+def _write_uniforms(out_ptr, draws_ptr, seed, BLOCK: tl.constexpr):
+    """The block _philox_uniforms builds, and the four draws of each of its counters, side by side."""
+    tl.store(out_ptr + tl.arange(0, BLOCK), _philox_uniforms(seed, 10, BLOCK))
+    j = tl.arange(0, BLOCK // 4)
+    u0, u1, u2, u3 = tl.rand4x(seed, 10 + j)
+    tl.store(draws_ptr + 4 * j, u0)
+    tl.store(draws_ptr + 4 * j + 1, u1)
+    tl.store(draws_ptr + 4 * j + 2, u2)
+    tl.store(draws_ptr + 4 * j + 3, u3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_philox_uniforms_use_each_draw_once(device):
+    """Entries 4j .. 4j + 3 of a block are the four draws of Philox counter offset + j, each used
+    exactly once: no vocabulary entry shares its noise with another."""
+    _skip_without(device)
+    block = torch.empty(64, device=device)
+    draws = torch.empty(64, device=device)
+    _write_uniforms[(1,)](block, draws, 1234, BLOCK=64)
+    block, draws = block.cpu().view(16, 4), draws.cpu().view(16, 4)
+    assert torch.equal(block.sort(dim=1).values, draws.sort(dim=1).values)
+    assert block.unique().numel() == 64 and block.min() >= 0 and block.max() < 1
