@@ -75,9 +75,7 @@ class MixedBuffers:
             last_token_indices=zeros(max_seqs),
         )
 
-    def metadata(
-        self, num_tokens: int, num_seqs: int, max_model_len: int, block_size: int, split_counters=None
-    ):
+    def metadata(self, num_tokens: int, num_seqs: int, max_model_len: int, block_size: int):
         """Metadata over views of these buffers, for a graph of num_tokens x num_seqs (padded)."""
         return PagedAttentionMetadata(
             cu_seqlens_q=self.cu_seqlens_q[: num_seqs + 1],
@@ -91,7 +89,6 @@ class MixedBuffers:
             slot_mapping=self.slot_mapping[:num_tokens],
             block_size=block_size,
             num_splits=mixed_num_splits(num_tokens),
-            split_counters=split_counters,
         )
 
     def fill(self, input_ids: torch.Tensor, md: PagedAttentionMetadata, num_tokens: int, num_seqs: int):

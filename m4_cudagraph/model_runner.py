@@ -45,14 +45,6 @@ class ModelRunner(PagedModelRunner):
             self.buffers.max_blocks_per_seq,
             self.device,
         )
-        # Split-K counters for the attention of every graph (m3_paged/ops/paged_attention.py): each
-        # launch leaves them at zero, so one buffer serves all replays. Room for the largest grid: a
-        # kernel has at most (tokens + sequences) query tiles per kv head.
-        max_tiles = max(
-            2 * self.capture_sizes[-1],
-            self.mixed_buffers.input_ids.numel() + self.mixed_buffers.seq_ids.numel(),
-        )
-        self.split_counters = torch.zeros(max_tiles * mc.num_kv_heads, dtype=torch.int32, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # (max_bs, vocab) in the model's dtype: every graph writes its rows here. Steps hand the sampler
@@ -95,7 +87,6 @@ class ModelRunner(PagedModelRunner):
             block_tables=b.block_tables[:bs],
             slot_mapping=b.slot_mapping[:bs],
             block_size=self.block_size,
-            split_counters=self.split_counters,
         )
 
     def forward_decode_static(self, bs: int) -> torch.Tensor:
@@ -112,9 +103,7 @@ class ModelRunner(PagedModelRunner):
         """One step of `num_tokens` (padded) tokens with prefill work, read from the mixed buffers:
         (mixed_num_seqs(num_tokens), vocab) logits at each sequence's last token."""
         num_seqs, b = self.mixed_num_seqs(num_tokens), self.mixed_buffers
-        md = b.metadata(
-            num_tokens, num_seqs, self.config.model_config.max_model_len, self.block_size, self.split_counters
-        )
+        md = b.metadata(num_tokens, num_seqs, self.config.model_config.max_model_len, self.block_size)
         hidden = self.model(b.input_ids[:num_tokens], md.positions, md)  # (num_tokens, hidden_size)
         return self.model.compute_logits(hidden[b.last_token_indices[:num_seqs]])
 

@@ -27,9 +27,6 @@ class PagedAttentionMetadata(AttentionMetadata):
     block_size: int
     # KV splits for the Triton kernel; None = its own choice from this batch (m4's graphs fix it).
     num_splits: int | None = None
-    # int32 zeros the Triton kernel counts finished splits in (see paged_attention); None = it makes
-    # its own each call. m4's graphs pass one persistent buffer.
-    split_counters: torch.Tensor | None = None
 
     @classmethod
     def build_paged(

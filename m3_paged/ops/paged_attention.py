@@ -25,12 +25,8 @@ How the work is cut (one program = one query tile x one kv head x one KV split):
   needs >= 16) and the extra lanes are masked, so head_dim 24 or a group of 3 work too.
 * Split-K (flash-decoding). A decode row attends to its whole context from one program; with few
   sequences and long contexts most of the GPU idles. With NUM_SPLITS > 1 each program takes a
-  contiguous share of its KV tiles and writes a normalised partial output plus its log-sum-exp. The
-  last of a tile's NUM_SPLITS programs to finish merges them (`_merge_splits`):
-  out = sum_s w_s o_s with w_s = 2^(lse_s - lse_max) / sum(...). It knows it is last from a counter
-  per (query tile, kv head) that every split increments atomically after storing its partials; the
-  last one resets it to 0, so the same counters serve the next launch (and every CUDA-graph replay).
-  One kernel instead of attention + a merge pass: at batch 1 the second launch was a third of the time.
+  contiguous share of its KV tiles and writes a normalised partial output plus its log-sum-exp;
+  `_merge_splits_kernel` then combines: out = sum_s w_s o_s with w_s = 2^(lse_s - lse_max) / sum(...).
   The kernel is general (any batch can be split); the wrapper turns it on automatically only for
   decode-only batches with long contexts (`choose_num_splits`), and `num_splits` forces it.
 
@@ -83,35 +79,6 @@ def _find_seq(cu_seqlens_q_ptr, tile_idx, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
-def _merge_splits(
-    out_ptr, o_partial_ptr, lse_partial_ptr, part0, out_offsets, q_mask, row_mask, dims,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):  # fmt: skip
-    """out[row] = sum_s w_s o_s over the NUM_SPLITS partial rows part0[row] + s, with weights
-    w_s = 2^(lse_s - lse_max) / sum_s' 2^(lse_s' - lse_max), accumulated online (rescaled when a
-    larger lse arrives). A split that saw no key has lse = -inf and weight 0; at least one saw one."""
-    lse_max = tl.full(part0.shape, float("-inf"), tl.float32)
-    weight_sum = tl.zeros(part0.shape, tl.float32)
-    acc = tl.zeros(q_mask.shape, tl.float32)
-    for s in range(NUM_SPLITS):
-        # .cg: read through L2, where the other programs' stores are; this SM's L1 is not coherent.
-        lse = tl.load(lse_partial_ptr + part0 + s, mask=row_mask, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(
-            o_partial_ptr + (part0 + s)[:, None] * HEAD_DIM + dims[None, :],
-            mask=q_mask, other=0.0, cache_modifier=".cg",
-        )  # fmt: skip
-        new_max = tl.maximum(lse_max, lse)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # no split with a key yet: all weights 0
-        alpha = tl.exp2(lse_max - shift)
-        w = tl.exp2(lse - shift)
-        weight_sum = weight_sum * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        lse_max = new_max
-    merged = acc / tl.where(weight_sum > 0, weight_sum, 1.0)[:, None]
-    tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=q_mask)
-
-
 # Triton compiles a variant per "== 1 / divisible by 16 / other" value of every int argument; the
 # batch-dependent ones would compile new variants in the middle of a run (seconds each, the first time).
 @triton.jit(do_not_specialize=["num_seqs", "stride_bt_s"])
@@ -119,7 +86,6 @@ def _paged_attention_kernel(
     out_ptr,
     o_partial_ptr,  # (num_tokens, num_heads, NUM_SPLITS, HEAD_DIM) float32, used when NUM_SPLITS > 1
     lse_partial_ptr,  # (num_tokens, num_heads, NUM_SPLITS) float32, used when NUM_SPLITS > 1
-    split_counters_ptr,  # (>= num_tiles * num_kv_heads,) int32, all 0; used when NUM_SPLITS > 1
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -211,24 +177,46 @@ def _paged_attention_kernel(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # l = 0 only for a split that saw no key of this row
     o = acc / l_safe[:, None]
-    o_offsets = tokens[:, None] * stride_o_t + heads[:, None] * stride_o_h + dims[None, :]
     if NUM_SPLITS == 1:
+        o_offsets = tokens[:, None] * stride_o_t + heads[:, None] * stride_o_h + dims[None, :]
         tl.store(out_ptr + o_offsets, o.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
-        part0 = (tokens * num_heads + heads) * NUM_SPLITS  # (BLOCK_M,) first partial row of each row
-        tl.store(o_partial_ptr + (part0 + split)[:, None] * HEAD_DIM + dims[None, :], o, mask=q_mask)
+        part = (tokens * num_heads + heads) * NUM_SPLITS + split  # (BLOCK_M,) row of the partials
+        tl.store(o_partial_ptr + part[:, None] * HEAD_DIM + dims[None, :], o, mask=q_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))  # base-2 log-sum-exp
-        tl.store(lse_partial_ptr + part0 + split, lse, mask=row_mask)
-        # Signal "my partials are stored"; the split that arrives last merges. The barrier orders every
-        # thread's stores before the (release) atomic; its acquire makes the others' stores visible.
-        tl.debug_barrier()
-        counter = split_counters_ptr + tile_idx * tl.num_programs(1) + kv_head
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-            tl.store(counter, 0)  # re-armed for the next launch
-            _merge_splits(
-                out_ptr, o_partial_ptr, lse_partial_ptr, part0, o_offsets, q_mask, row_mask, dims,
-                HEAD_DIM, NUM_SPLITS,
-            )  # fmt: skip
+        tl.store(lse_partial_ptr + part, lse, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["num_seqs"])
+def _merge_splits_kernel(
+    out_ptr,
+    o_partial_ptr,
+    lse_partial_ptr,
+    cu_seqlens_q_ptr,
+    num_seqs,
+    stride_o_t,
+    stride_o_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token >= tl.load(cu_seqlens_q_ptr + num_seqs):  # padding rows have no partials
+        return
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    part = (token * tl.num_programs(1) + head) * NUM_SPLITS + splits  # (BLOCK_S,)
+    lse = tl.load(lse_partial_ptr + part, mask=splits < NUM_SPLITS, other=float("-inf"))
+    # Split s's share of the softmax denominator; at least one split saw a key, so lse_max is finite.
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    weights = weights / tl.sum(weights, axis=0)
+    o_mask = (splits < NUM_SPLITS)[:, None] & (dims < HEAD_DIM)[None, :]
+    o = tl.load(o_partial_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=o_mask, other=0.0)
+    merged = tl.sum(o * weights[:, None], axis=0)  # (BLOCK_D,)
+    out_offsets = token * stride_o_t + head * stride_o_h + dims
+    tl.store(out_ptr + out_offsets, merged.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -259,7 +247,6 @@ def paged_attention(
     tile_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    split_counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of `paged_attention_ref`; same arguments, same result, same padding contract.
 
@@ -270,9 +257,6 @@ def paged_attention(
         to avoid a device-to-host sync (CUDA graphs should pass num_splits instead).
     block_m, tile_n: tile sizes (powers of two, >= 16; block_m >= group); None picks defaults.
     num_warps, num_stages: Triton launch options for the attention kernel (None: Triton's defaults).
-    split_counters: int32 zeros with room for (num_tokens // block_q + num_seqs) * num_kv_heads
-        counters, used with split-K and left at zero again; None allocates (and zeroes) them per call.
-        CUDA graphs pass a persistent buffer, so a replay needs no memset.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -308,23 +292,19 @@ def paged_attention(
     assert block_m & (block_m - 1) == 0 and tile_n & (tile_n - 1) == 0, "tile sizes must be powers of two"
     block_q = block_m // group
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     if num_splits > 1:
         o_partial = torch.empty(
             num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         lse_partial = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32, device=q.device)
-        if split_counters is None:
-            split_counters = torch.zeros(grid[0] * num_kv_heads, dtype=torch.int32, device=q.device)
-        assert split_counters.dtype == torch.int32 and split_counters.numel() >= grid[0] * num_kv_heads
     else:
-        o_partial = lse_partial = split_counters = out  # unused by the NUM_SPLITS == 1 branch
+        o_partial = lse_partial = out  # unused by the NUM_SPLITS == 1 branch
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     _paged_attention_kernel[grid](
         out,
         o_partial,
         lse_partial,
-        split_counters,
         q,
         k_cache,
         v_cache,
@@ -353,4 +333,18 @@ def paged_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
     )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            out,
+            o_partial,
+            lse_partial,
+            cu_seqlens_q,
+            num_seqs,
+            out.stride(0),
+            out.stride(1),
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits),
+        )
     return out
