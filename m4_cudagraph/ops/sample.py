@@ -6,18 +6,19 @@ What it computes, for row r with logits x (vocab_size,) and temperature T_r:
     token_r   = argmax_i (x_i + T_r * g_i)            otherwise, g_i ~ Gumbel(0, 1) i.i.d.
     logprob_r = x[token_r] - logsumexp(x)             the raw logprob, for the cumulative logprob
 
-The second line is a draw from softmax(x / T_r): argmax_i (x_i / T_r + g_i) is the Gumbel-max trick,
-and multiplying every score by T_r > 0 changes no argmax (an FMA instead of a division per entry).
-It is m1's exponential race (argmax p_i / q_i with q_i ~ Exp(1)) taken in log space:
-log p_i - log q_i, and -log q_i = -log(-log u_i) for u_i ~ U(0, 1) is a Gumbel(0, 1) sample. m1 runs
-this as about eight kernels, each reading or writing a (num_seqs, vocab_size) float32 matrix
-(log-softmax, the division by T, softmax, the draw of q, the clamp, p / q, argmax); here the logits
-are read once: each program takes a block of a row and writes four numbers (its max, sum of
-exponentials, best score and where), and a second kernel (one program per row) combines the blocks.
-The uniforms come from Triton's Philox generator: one call (ten rounds of multiplies) yields four 32-bit draws, so a block of B entries makes B / 4 calls, each
-with its own counter (`_philox_uniforms`). A step draws one seed from torch's global CPU generator, so
-a run is reproducible under `LLM(seed=...)` without any read-back from the GPU. (Drawing one uniform
-per call, as `tl.rand` does, made the kernel compute-bound: 350 us per step at 256 rows on an H100.)
+The second line is a draw from softmax(x / T_r): argmax_i (x_i / T_r + g_i) is the Gumbel-max trick, and
+multiplying every score by T_r > 0 changes no argmax (an FMA instead of a division per entry). It is
+m1's exponential race (argmax p_i / q_i with q_i ~ Exp(1)) taken in log space: log p_i - log q_i, and
+-log q_i = -log(-log u_i) for u_i ~ U(0, 1) is a Gumbel(0, 1) sample. m1 runs this as about eight
+kernels, each reading or writing a (num_seqs, vocab_size) float32 matrix (log-softmax, the division by
+T, softmax, the draw of q, the clamp, p / q, argmax); here the logits are read once: each program takes
+a block of a row and writes four numbers (its max, sum of exponentials, best score and where), and a
+second kernel (one program per row) combines the blocks. The uniforms come from Triton's Philox
+generator: one call (ten rounds of multiplies) yields four 32-bit draws, so a block of B entries makes B
+/ 4 calls, each with its own counter (`_philox_uniforms`). A step draws one seed from torch's global CPU
+generator, so a run is reproducible under `LLM(seed=...)` without any read-back from the GPU. (Drawing
+one uniform per call, as `tl.rand` does, made the kernel compute-bound: 350 us per step at 256 rows on
+an H100.)
 
 The file reads top-down: the reference, the kernels, the wrapper. The kernel can also read its
 uniforms from a tensor, which is how it is compared with the reference exactly.
