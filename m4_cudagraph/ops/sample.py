@@ -14,8 +14,8 @@ kernels, each reading or writing a (num_seqs, vocab_size) float32 matrix (log-so
 T, softmax, the draw of q, the clamp, p / q, argmax); here the logits are read once: each program takes
 a block of a row and writes four numbers (its max, sum of exponentials, best score and where), and a
 second kernel (one program per row) combines the blocks. The uniforms come from Triton's Philox
-generator: one call (ten rounds of multiplies) yields four 32-bit draws, so a block of B entries makes B
-/ 4 calls, each with its own counter (`_philox_uniforms`). A step draws one seed from torch's global CPU
+generator: one call (ten rounds of multiplies) yields four 32-bit draws, so a block of B entries makes
+B / 4 calls, each with its own counter (`_philox_uniforms`). A step draws one seed from torch's global CPU
 generator, so a run is reproducible under `LLM(seed=...)` without any read-back from the GPU. (Drawing
 one uniform per call, as `tl.rand` does, made the kernel compute-bound: 350 us per step at 256 rows on
 an H100.)
