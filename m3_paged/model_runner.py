@@ -33,6 +33,8 @@ class ModelRunner(SlotModelRunner):
             config.model_config.attention_backend, config.model_config.device, self.block_size
         )
         super().__init__(config)  # loads the model, then allocate_kv_cache()
+        if self.device.type == "cuda":
+            self.warm_up()
 
     def load_model(self) -> torch.nn.Module:
         return load_model(
@@ -109,6 +111,21 @@ class ModelRunner(SlotModelRunner):
         finally:
             for layer in layers:
                 layer.backend = self.attn_backend
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """One eager step of dummy tokens through the real paged kernels. The sizing pass above used
+        no cache, so otherwise the prefill path's kernels would be compiled by Triton (seconds each,
+        the first time on a machine) and loaded by CUDA inside the first requests that need them.
+        The dummy K/V land in blocks that no sequence owns yet; a sequence writes a slot before it
+        reads it."""
+        sc = self.config.scheduler_config
+        n = min(sc.max_num_batched_tokens, sc.max_model_len, self.num_blocks * self.block_size)
+        blocks = list(range(-(-n // self.block_size)))
+        md = PagedAttentionMetadata.build_paged([n], [n], [blocks], self.block_size, self.device)
+        hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device), md.positions, md)
+        self.model.compute_logits(hidden[-1:])
+        torch.cuda.synchronize(self.device)
 
     # ---- inputs ----------------------------------------------------------------------------------
     def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, PagedAttentionMetadata]:

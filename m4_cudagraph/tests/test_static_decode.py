@@ -4,6 +4,7 @@ replay equals eager on a GPU (marker gpu)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import m3_paged
 from m4_cudagraph import LLM, SamplingParams
@@ -92,3 +93,29 @@ def test_gpu_graph_replays_are_used(toy_model_dir):
     assert all(len(o.outputs[0].token_ids) == 20 for o in out)
     assert calls == []  # every decode step was a replay, never an eager static forward
     assert sorted(runner.graphs) == runner.capture_sizes == [1, 2, 4, 8]
+
+
+@pytest.mark.gpu
+def test_gpu_no_attention_kernel_compiles_after_start_up(toy_model_dir):
+    """LLM(...) leaves nothing for Triton to compile in the attention kernel: decode and mixed steps
+    were captured, and the eager prefill path ran once at start-up
+    (m3_paged/model_runner.py::ModelRunner.warm_up). Without that, the first long prompt of a run
+    paid for a compile (seconds on a fresh machine) inside its own latency."""
+    from m3_paged.ops.paged_attention import _paged_attention_kernel
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = toy_model_dir("qwen3", max_position_embeddings=2048)
+    llm = LLM(model, dtype="float32", max_num_seqs=8, kv_cache_memory_bytes=2**28)
+    try:
+        caches = _paged_attention_kernel.device_caches
+        variants = lambda: sum(len(cache[0]) for cache in caches.values())  # noqa: E731
+        before = variants()
+    except (AttributeError, TypeError, IndexError):
+        pytest.skip("this Triton version keeps its compiled variants elsewhere")
+    prompts = [[5 + i % 400 for i in range(n)] for n in (1500, 700, 30)]  # > 512 tokens: eager path
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+    )
+    assert [len(o.outputs[0].token_ids) for o in outs] == [20, 20, 20]
+    assert before > 0 and variants() == before
