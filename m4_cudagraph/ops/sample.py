@@ -139,13 +139,17 @@ def sample_temperature(
     assert logits.stride(1) == 1 and temperatures.shape == (num_seqs,), (logits.stride(), temperatures.shape)
     block = min(BLOCK, triton.next_power_of_2(vocab_size))
     num_blocks = triton.cdiv(vocab_size, block)
-    partial = torch.empty(3, num_seqs, num_blocks, dtype=torch.float32, device=logits.device)
+    # Four allocations, not views of one: Triton specializes a kernel on whether each pointer is
+    # 16-byte aligned, and a view at offset num_seqs * num_blocks is aligned only for even batch
+    # sizes: a run met new variants (compiled inside the timed run on a fresh machine) batch by batch.
+    block_max, sumexp, best = (
+        torch.empty(num_seqs, num_blocks, dtype=torch.float32, device=logits.device) for _ in range(3)
+    )
     best_idx = torch.empty(num_seqs, num_blocks, dtype=torch.int64, device=logits.device)
     ids = torch.empty(num_seqs, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(num_seqs, dtype=torch.float32, device=logits.device)
     if num_seqs == 0:
         return ids, logprobs
-    block_max, sumexp, best = partial
     _sample_block_kernel[(num_seqs, num_blocks)](
         block_max, sumexp, best, best_idx, logits, temperatures.float(),
         block_max if uniforms is None else uniforms, vocab_size, logits.stride(0), seed,

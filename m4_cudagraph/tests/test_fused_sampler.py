@@ -147,3 +147,27 @@ def test_philox_uniforms_use_each_draw_once(device):
     block, draws = block.cpu().view(16, 4), draws.cpu().view(16, 4)
     assert torch.equal(block.sort(dim=1).values, draws.sort(dim=1).values)
     assert block.unique().numel() == 64 and block.min() >= 0 and block.max() < 1
+
+
+@pytest.mark.gpu
+def test_gpu_one_compiled_variant_for_every_batch_size():
+    """A run samples batches of every size; none may make Triton compile the sampler again (each new
+    variant cost a compile inside the timed throughput run on a fresh machine)."""
+    _skip_without("cuda")
+    from m4_cudagraph.ops.sample import _combine_blocks_kernel, _sample_block_kernel
+
+    def variants():
+        return [
+            sum(len(c[0]) for c in k.device_caches.values())
+            for k in (_sample_block_kernel, _combine_blocks_kernel)
+        ]
+
+    logits = torch.randn(9, 5000, device="cuda").bfloat16()
+    sample_temperature(logits[:1], torch.full((1,), 0.7, device="cuda"), seed=1)
+    try:
+        first = variants()
+    except (AttributeError, TypeError, IndexError):
+        pytest.skip("this Triton version keeps its compiled variants elsewhere")
+    for n in range(2, 10):
+        sample_temperature(logits[:n], torch.full((n,), 0.7, device="cuda"), seed=n)
+    assert variants() == first
