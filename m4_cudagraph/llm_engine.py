@@ -3,13 +3,15 @@ the host schedules step n+1 while the GPU runs step n, then reads step n's token
 
 from __future__ import annotations
 
+import torch
+
 from m0_config.config import EngineConfig
 from m0_config.outputs import RequestOutput
 from m3_paged.llm_engine import LLMEngine as PagedEngine
 from m3_paged.scheduler import SchedulerOutput
 from m4_cudagraph.async_scheduling import StepInFlight, needs_token_values, take_rows
 from m4_cudagraph.model_runner import ModelRunner
-from m4_cudagraph.sampler import sampler_for
+from m4_cudagraph.sampler import FusedSampler, sampler_for
 
 
 class LLMEngine(PagedEngine):
@@ -18,6 +20,9 @@ class LLMEngine(PagedEngine):
     def __init__(self, config: EngineConfig):
         super().__init__(config)
         self.sampler = sampler_for(config.model_config.device)  # one fused kernel for plain batches
+        if isinstance(self.sampler, FusedSampler):
+            mc = config.model_config
+            self.sampler.warm_up(self.model_runner.vocab_size, [mc.torch_dtype, torch.float32], mc.device)
         self.async_scheduling = self.resolve_async_scheduling()
         self.in_flight: StepInFlight | None = None  # the launched step whose tokens are not read yet
 

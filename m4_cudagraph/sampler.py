@@ -37,6 +37,16 @@ class FusedSampler(Sampler):
         ids, logprobs = sample_temperature(logits, metadata.temperatures, seed)
         return SamplerOutput(ids, logprobs, ranks=None, topk_token_ids=None, topk_logprobs=None)
 
+    @staticmethod
+    def warm_up(vocab_size: int, dtypes: list[torch.dtype], device: torch.device) -> None:
+        """Compile the kernels for every logits dtype the runner hands over (the model's from graph
+        replays, float32 from eager steps) at start-up, not inside the first steps that meet one: on
+        a fresh machine each compile took seconds of the first run."""
+        for dtype in dtypes:
+            sample_temperature(
+                torch.zeros(1, vocab_size, dtype=dtype, device=device), torch.ones(1, device=device), 0
+            )
+
 
 def sampler_for(device: torch.device) -> Sampler:
     """The fused sampler on CUDA; m1's elsewhere (a CPU runs Triton only in its slow interpreter)."""
