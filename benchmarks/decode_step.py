@@ -51,8 +51,19 @@ def count_kernels(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def kernel_times(prof, steps: int) -> dict[str, tuple[float, float]]:
+    """{kernel name: (launches, GPU microseconds) per step} from a torch profiler that ran `steps`
+    steps (the profiler sees the kernels inside graph replays too), largest time first."""
+    per_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_name.setdefault(e.name[:60], []).append(e.device_time)
+    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
+    return {name: (len(t) / steps, sum(t) / steps) for name, t in rows}
+
+
 def kernel_breakdown(graph, replays: int = 20, top: int = 12) -> dict:
-    """GPU time per replay of a captured step, by kernel name (the profiler sees inside graphs)."""
+    """GPU time per replay of a captured step, by kernel name."""
     from torch.profiler import ProfilerActivity, profile
 
     graph.replay()
@@ -61,17 +72,12 @@ def kernel_breakdown(graph, replays: int = 20, top: int = 12) -> dict:
         for _ in range(replays):
             graph.replay()
         torch.cuda.synchronize()
-    per_name: dict[str, list[float]] = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_name.setdefault(e.name[:60], []).append(e.device_time)
-    rows = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))
-    busy_us = sum(sum(times) for _, times in rows) / replays
+    times = kernel_times(prof, replays)
     return {
-        "kernels_per_step": sum(len(t) for _, t in rows) / replays,
-        "busy_us": round(busy_us, 1),
+        "kernels_per_step": sum(n for n, _ in times.values()),
+        "busy_us": round(sum(us for _, us in times.values()), 1),
         "top": [
-            {"name": n, "count": len(t) // replays, "us": round(sum(t) / replays, 1)} for n, t in rows[:top]
+            {"name": k, "count": round(n), "us": round(us, 1)} for k, (n, us) in list(times.items())[:top]
         ],
     }
 

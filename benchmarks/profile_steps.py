@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from benchmarks.decode_step import kernel_times
 from benchmarks.throughput import make_workload
 from m0_config.toy import toy_checkpoint
 
@@ -43,16 +44,17 @@ def _timed(phases, name, fn, sync: bool = True):
 
 def record_gpu_timeline(engine) -> list:
     """Wrap `engine._launch` to put a CUDA event before and after each step's GPU work; returns the
-    list it fills with (start, end, num_prefill_tokens, num_seqs)."""
+    list it fills with (start, end, has_prefill, num_seqs, tokens in the sequences' contexts)."""
     events, launch = [], engine._launch
 
     def timed_launch(so):
+        has_prefill = any(seq.is_prefill for seq in so.seqs)  # the explicit flag, read before the step
+        kv_tokens = sum(seq.get_len() for seq in so.seqs)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         result = launch(so)
         end.record()
-        prefill = sum(n for seq, n in zip(so.seqs, so.num_scheduled_tokens) if n > 1)
-        events.append((start, end, prefill, len(so.seqs), sum(seq.get_len() for seq in so.seqs)))
+        events.append((start, end, has_prefill, len(so.seqs), kv_tokens))
         return result
 
     engine._launch = timed_launch
@@ -115,12 +117,9 @@ def profile_kernels(engine, first_step: int, num_steps: int) -> dict:
         if count[0] == first_step + num_steps:
             torch.cuda.synchronize()
             prof.stop()
-            per_name = collections.Counter()
-            for e in prof.events():
-                if e.device_type == torch.autograd.DeviceType.CUDA:
-                    per_name[e.name[:50]] += e.device_time / num_steps
-            report["kernel_us_per_step"] = {k: round(v, 1) for k, v in per_name.most_common(14)}
-            report["gpu_kernel_us_per_step"] = round(sum(per_name.values()), 1)
+            times = kernel_times(prof, num_steps)
+            report["kernel_us_per_step"] = {k: round(us, 1) for k, (_, us) in list(times.items())[:14]}
+            report["gpu_kernel_us_per_step"] = round(sum(us for _, us in times.values()), 1)
             report["kv_GB_per_step"] = round(kv_tokens[0] * kv_bytes_per_token(engine) / num_steps / 1e9, 3)
         return out
 
