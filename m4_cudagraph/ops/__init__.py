@@ -12,7 +12,8 @@ layers in a single pass over its input:
 - `rotary_embedding` / `rotary_embedding_ref`: rotate-half RoPE applied to q and k in place.
 - `silu_and_mul` / `silu_and_mul_ref`: silu(gate) * up over the fused gate/up projection.
 - `sample_temperature` / `sample_temperature_ref`: the sampler of a temperature-only batch (greedy
-  or Gumbel-max) with the chosen tokens' raw logprobs, in one pass over the logits.
+  or inverse-CDF, one uniform per row) with the chosen tokens' raw logprobs, reading the logits once
+  (and one block of each sampled row twice).
 
 Importing `m3_paged.ops` first sets TRITON_INTERPRET=1 when there is no GPU (see its docstring),
 so these kernels run in Triton's interpreter in the CPU tests.
