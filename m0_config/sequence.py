@@ -151,6 +151,10 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []  # physical KV-cache block ids, one per block_size tokens (m3)
         self.num_cached_tokens = 0  # leading tokens found in the prefix cache at allocation (m3)
+        # Prefix-cache hashes of the leading full blocks of known tokens, computed once and kept by
+        # the block manager that allocates this sequence (m3). Tokens are only appended, so a full
+        # block's hash never changes: preemption keeps them, only the lookup is redone.
+        self.block_hashes: list[int] = []
         # Explicit, never inferred from lengths: True until every current token's K/V is computed
         # (a prompt spread over chunks stays in prefill; a preempted sequence re-enters it).
         self.is_prefill = True
@@ -200,6 +204,7 @@ class Sequence:
         child.status = self.status
         child.block_table = list(self.block_table)
         child.num_cached_tokens = self.num_cached_tokens
+        child.block_hashes = list(self.block_hashes)
         child.is_prefill = self.is_prefill
         child.output_text = self.output_text
         child.tokens = None if self.tokens is None else list(self.tokens)

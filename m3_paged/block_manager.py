@@ -6,9 +6,10 @@ that `may_append` returns.
 
 Contract with the scheduler (one sequence's life; `bm` is the BlockManager):
 
-1. WAITING -> RUNNING: `if bm.can_allocate(seq): bm.allocate(seq)`. The sequence must have an empty
-   block table. Afterwards `seq.block_table` covers *every* current token (prompt, plus outputs after
-   a preemption): `len(seq.block_table) == ceil(seq.get_len() / block_size)`; the leading
+1. WAITING -> RUNNING: `if bm.can_allocate(seq): bm.allocate(seq)` (`bm.try_allocate(seq)` does
+   both in one call, with one prefix-cache lookup: False when the pool is short). The sequence must
+   have an empty block table. Afterwards `seq.block_table` covers *every* current token (prompt,
+   plus outputs after a preemption): `len(seq.block_table) == ceil(seq.get_len() / block_size)`; the leading
    `seq.num_cached_tokens` tokens are prefix-cache hits whose K/V is already in the cache, and
    `seq.data.num_computed_tokens == seq.num_cached_tokens`. The model runner computes the tokens
    from `num_computed_tokens` on, in one step or in several chunks (chunked prefill needs no
@@ -36,7 +37,10 @@ Contract with the scheduler (one sequence's life; `bm` is the BlockManager):
 
 Prefix-caching rules: a lookup walks the full blocks from the start and stops at the first miss
 (a block's K/V depends on all blocks before it); a hash hit counts only if the cached block's
-token ids equal this block's. At most `(len - 1) // block_size` blocks are looked up, so at least
+token ids equal this block's. A sequence's block hashes are computed once (`block_hashes`, kept in
+`seq.block_hashes`) and reused by every later lookup and by `cache_full_blocks`; the lookup itself,
+and so `num_cached_tokens`, is redone at every allocation (after a preemption the cache has
+changed). At most `(len - 1) // block_size` blocks are looked up, so at least
 the last token is always recomputed (its logits are needed) and `num_cached_tokens` is a
 multiple of `block_size`, strictly below `len`: a fully cached prompt recomputes its whole last
 block into a fresh block rather than writing into a cached, possibly shared one (vLLM v1 does the
@@ -62,7 +66,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from m3_paged.block import NO_PARENT_HASH, Block, HashFn, compute_block_hash
+from m3_paged.block import NO_PARENT_HASH, Block, HashFn, compute_block_hash, hash_blocks
 
 if TYPE_CHECKING:
     from m0_config.sequence import Sequence
@@ -130,19 +134,25 @@ class BlockManager:
     def can_allocate(self, seq: Sequence) -> bool:
         """Whether `allocate(seq)` would succeed now. Hits on blocks in use cost nothing; hits on
         free cached blocks and misses each take one free block."""
-        return self._fits(seq, self._find_cached_blocks(seq.get_token_ids()))
+        return self._fits(seq, self._find_cached_blocks(seq))
 
     def allocate(self, seq: Sequence) -> None:
         """Give a sequence with an empty block table blocks for all its tokens (prefix hits first,
         then fresh blocks), and set `seq.num_cached_tokens = seq.data.num_computed_tokens` to the
         tokens hit. Raises RuntimeError, changing nothing, when `can_allocate` is False."""
+        if not self.try_allocate(seq):
+            raise RuntimeError(f"not enough free blocks to allocate seq {seq.seq_id}")
+
+    def try_allocate(self, seq: Sequence) -> bool:
+        """`allocate(seq)` and True when `can_allocate(seq)`, else False, changing nothing. The
+        scheduler's form: it looks the prefix up once instead of twice."""
         if seq.block_table:
             raise ValueError(f"seq {seq.seq_id} already has blocks {seq.block_table}")
         if seq.get_len() == 0:
             raise ValueError(f"seq {seq.seq_id} has no tokens")
-        hits = self._find_cached_blocks(seq.get_token_ids())
+        hits = self._find_cached_blocks(seq)
         if not self._fits(seq, hits):
-            raise RuntimeError(f"not enough free blocks to allocate seq {seq.seq_id}")
+            return False
         for block_id in hits:  # revive before taking fresh blocks, so that no hit is evicted
             self._ref(block_id)
         num_new = self.num_required_blocks(seq.get_len()) - len(hits)
@@ -153,6 +163,7 @@ class BlockManager:
             self.stats.requests += 1
             self.stats.queries += seq.get_len()
             self.stats.hits += seq.num_cached_tokens
+        return True
 
     def _fits(self, seq: Sequence, hits: list[int]) -> bool:
         num_revived = len({b for b in hits if self.blocks[b].ref_count == 0})
@@ -239,12 +250,16 @@ class BlockManager:
         """Hash every block of `seq` that is full and lies below `num_computed_tokens` (block i
         with (i + 1) * block_size <= num_computed_tokens) and has no hash yet, and register it in
         `hash_to_block_id` unless that hash is taken. A block whose tokens were scheduled but not
-        yet computed is never hashed, so it can never be a hit for another sequence. A no-op when
-        prefix caching is off."""
+        yet computed is never hashed, so it can never be a hit for another sequence; nor is one
+        holding a placeholder token (m4), whose id is not known yet. A no-op when prefix caching is
+        off."""
         if not self.enable_prefix_caching:
             return
-        if not 0 <= num_computed_tokens <= seq.get_len():
-            raise ValueError(f"num_computed_tokens={num_computed_tokens} outside [0, {seq.get_len()}]")
+        if not 0 <= num_computed_tokens <= seq.data.get_num_known_tokens():
+            raise ValueError(
+                f"num_computed_tokens={num_computed_tokens} outside [0, {seq.data.get_num_known_tokens()}] "
+                "(the tokens whose ids are known)"
+            )
         table, size = seq.block_table, self.block_size
         num_full = num_computed_tokens // size
         # Hashed blocks are a prefix of the table. Most steps (decode inside a block) end here:
@@ -255,25 +270,38 @@ class BlockManager:
         first = num_full
         while first > 0 and self.blocks[table[first - 1]].hash is None:
             first -= 1
-        parent_hash = self.blocks[table[first - 1]].hash if first else NO_PARENT_HASH
-        token_ids = seq.get_token_ids()
+        hashes, token_ids = self.block_hashes(seq, num_full), seq.get_token_ids()
         for i in range(first, num_full):
-            block_token_ids = token_ids[i * size : (i + 1) * size]
-            parent_hash = self.hash_fn(block_token_ids, parent_hash)
-            self.blocks[table[i]].set_hash(parent_hash, block_token_ids)
-            self.hash_to_block_id.setdefault(parent_hash, table[i])
+            self.blocks[table[i]].set_hash(hashes[i], token_ids[i * size : (i + 1) * size])
+            self.hash_to_block_id.setdefault(hashes[i], table[i])
 
-    def _find_cached_blocks(self, token_ids: list[int]) -> list[int]:
+    def block_hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """`seq.block_hashes`, extended to at least its first `num_blocks` blocks' chained hashes
+        (those blocks must be full of known tokens). Each block of a sequence is hashed once: its
+        tokens never change once known (they are only appended), so the hashes stay valid through
+        later lookups, `cache_full_blocks` and preemption. The list belongs to this block manager's
+        `block_size` and `hash_fn` (one block manager allocates a sequence)."""
+        hashes = seq.block_hashes
+        if len(hashes) < num_blocks:
+            size, done = self.block_size, len(hashes)
+            parent_hash = hashes[-1] if done else NO_PARENT_HASH
+            new_token_ids = seq.get_token_ids()[done * size : num_blocks * size]
+            hashes.extend(hash_blocks(new_token_ids, size, parent_hash, self.hash_fn))
+        return hashes
+
+    def _find_cached_blocks(self, seq: Sequence) -> list[int]:
         """Block ids holding the sequence's leading blocks: walk at most (len - 1) // block_size
-        full blocks, stop at the first miss. Pure: changes nothing."""
+        full blocks (and only blocks of known tokens: no cached block holds a placeholder), stop at
+        the first miss. Pure, but for filling `seq.block_hashes`."""
         if not self.enable_prefix_caching:
             return []
+        size = self.block_size
+        num_blocks = min(seq.get_len() - 1, seq.data.get_num_known_tokens()) // size
+        hashes, token_ids = self.block_hashes(seq, num_blocks), seq.get_token_ids()
         hits: list[int] = []
-        parent_hash, size = NO_PARENT_HASH, self.block_size
-        for i in range((len(token_ids) - 1) // size):
+        for i in range(num_blocks):
+            block_id = self.hash_to_block_id.get(hashes[i])
             block_token_ids = tuple(token_ids[i * size : (i + 1) * size])
-            parent_hash = self.hash_fn(block_token_ids, parent_hash)
-            block_id = self.hash_to_block_id.get(parent_hash)
             if block_id is None or self.blocks[block_id].token_ids != block_token_ids:
                 break  # a miss, or a hash collision caught by the token comparison
             hits.append(block_id)

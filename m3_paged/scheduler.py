@@ -136,11 +136,10 @@ class Scheduler(StaticScheduler):
         revived), rolling back when the pool runs out."""
         done = []
         for seq in seqs:
-            if not self.block_manager.can_allocate(seq):
+            if not self.block_manager.try_allocate(seq):  # can_allocate + allocate, one lookup
                 for s in reversed(done):
                     self.block_manager.deallocate(s)
                 return False
-            self.block_manager.allocate(seq)
             done.append(seq)
         return True
 

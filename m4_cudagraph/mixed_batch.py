@@ -14,7 +14,7 @@ any batch with at most that many of each:
 - padding tokens (after the real ones) belong to no sequence: no attention row reads or writes
   them, their K/V go nowhere (slot -1), and their outputs are dropped;
 - padding sequences have no tokens (cu_seqlens_q repeats the total), so their attention programs
-  exit at once, and their logits row (last token index 0) is dropped.
+  exit at once, and their logits row (last token index: the last real token's) is dropped.
 
 This is what vLLM calls a full CUDA graph for mixed batches. Larger prefill steps stay eager: their
 GPU time (compute-bound matmuls over thousands of tokens) dwarfs the launch time.
@@ -56,7 +56,7 @@ class MixedBuffers:
     cu_seqlens_q: torch.Tensor  # (max_seqs + 1,) int32; padding sequences repeat the total
     seq_lens: torch.Tensor  # (max_seqs,) int32, 0 for padding sequences
     block_tables: torch.Tensor  # (max_seqs, max_blocks_per_seq) int32
-    last_token_indices: torch.Tensor  # (max_seqs,) int64, 0 for padding sequences
+    last_token_indices: torch.Tensor  # (max_seqs,) int64: cu_seqlens_q[1:] - 1 (padding: the last real row)
 
     @classmethod
     def allocate(cls, max_tokens: int, max_seqs: int, max_blocks: int, device) -> MixedBuffers:
@@ -92,17 +92,21 @@ class MixedBuffers:
         )
 
     def fill(self, input_ids: torch.Tensor, md: PagedAttentionMetadata, num_tokens: int, num_seqs: int):
-        """Copy one step's inputs (built by m3's prepare_inputs) in, padded to the graph's sizes."""
+        """Copy one step's inputs (built by m3's prepare_inputs) in, padded to the graph's sizes.
+        Every op is a kernel launch on a GPU, paid in host time by each step: padding that is
+        empty is skipped, and the last-token rows come from the buffer just filled in one op."""
         n, s = md.num_tokens, md.num_seqs
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(md.positions)
         self.slot_mapping[:n].copy_(md.slot_mapping)
-        self.slot_mapping[n:num_tokens].fill_(-1)  # padding tokens write nowhere
+        if num_tokens > n:
+            self.slot_mapping[n:num_tokens].fill_(-1)  # padding tokens write nowhere
         self.token_seq_ids[:n].copy_(md.token_seq_ids)
         self.cu_seqlens_q[: s + 1].copy_(md.cu_seqlens_q)
-        self.cu_seqlens_q[s + 1 : num_seqs + 1].fill_(n)  # padding sequences: no tokens
         self.seq_lens[:s].copy_(md.seq_lens)
-        self.seq_lens[s:num_seqs].fill_(0)
+        if num_seqs > s:
+            self.cu_seqlens_q[s + 1 : num_seqs + 1].fill_(n)  # padding sequences: no tokens
+            self.seq_lens[s:num_seqs].fill_(0)
         self.block_tables[:s, : md.block_tables.shape[1]].copy_(md.block_tables)
-        self.last_token_indices[:s].copy_(md.last_token_indices)
-        self.last_token_indices[s:num_seqs].fill_(0)
+        # (num_seqs,): each sequence's last row; a padding sequence's is row n - 1, its logits dropped
+        torch.sub(self.cu_seqlens_q[1 : num_seqs + 1], 1, out=self.last_token_indices[:num_seqs])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from m0_config.sequence import Sequence
-from m3_paged.block import NO_PARENT_HASH, compute_block_hash
+from m3_paged.block import NO_PARENT_HASH, compute_block_hash, hash_blocks
 from m3_paged.block_manager import BlockManager
 
 pytestmark = pytest.mark.m3
@@ -35,6 +35,82 @@ def test_compute_block_hash_chains_parent():
     assert 0 <= first < 2**64
 
 
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+@pytest.mark.parametrize("num_blocks", [0, 1, 5])
+@pytest.mark.parametrize("parent", [NO_PARENT_HASH, 12345])
+def test_hash_blocks_equals_the_per_block_chain(block_size, num_blocks, parent):
+    tokens = [(7 * i + 3) % 151_000 for i in range(block_size * num_blocks)]
+    expected, h = [], parent
+    for i in range(num_blocks):
+        h = compute_block_hash(tokens[i * block_size : (i + 1) * block_size], h)
+        expected.append(h)
+    assert hash_blocks(tokens, block_size, parent) == expected
+    assert hash_blocks(tuple(tokens), block_size, parent) == expected
+    # an injected hash function is called once per block, chained the same way
+    calls = []
+    fake = hash_blocks(tokens, block_size, parent, lambda t, p: calls.append((list(t), p)) or len(calls))
+    assert fake == list(range(1, num_blocks + 1))
+    assert calls == [(tokens[i * block_size : (i + 1) * block_size], i or parent) for i in range(num_blocks)]
+    with pytest.raises(ValueError, match="whole blocks"):
+        hash_blocks([0] * (2 * block_size + 1), 2 * block_size)
+
+
+def chained_hashes(token_ids, block_size) -> list[int]:
+    """Every full block's chained hash, recomputed from scratch."""
+    hashes, h = [], NO_PARENT_HASH
+    for i in range(len(token_ids) // block_size):
+        h = compute_block_hash(token_ids[i * block_size : (i + 1) * block_size], h)
+        hashes.append(h)
+    return hashes
+
+
+def test_each_block_of_a_sequence_is_hashed_once():
+    """Lookups (can_allocate, allocate, re-allocation after a preemption) and cache_full_blocks share
+    the sequence's kept hashes, which stay equal to freshly computed ones as the sequence grows."""
+    calls = []
+
+    def counting_hash(token_ids, parent_hash):
+        calls.append(tuple(token_ids))
+        return compute_block_hash(token_ids, parent_hash)
+
+    bm = BlockManager(num_blocks=16, block_size=4, hash_fn=counting_hash)
+    seq = make_seq(range(14))
+    assert bm.can_allocate(seq) and bm.try_allocate(seq)
+    assert len(calls) == 3 and seq.block_hashes == chained_hashes(list(range(14)), 4)
+    compute_all(bm, seq)
+    for token in range(100, 106):  # decode: block 3 fills at the second token, block 4 at the sixth
+        seq.append_token_id(token)
+        bm.may_append(seq)
+        compute_all(bm, seq)
+    assert len(calls) == 5 == len(set(calls))
+    bm.deallocate(seq)  # preempted: the hashes stay, the cached-token count is looked up again
+    assert bm.try_allocate(seq) and seq.num_cached_tokens == 16
+    assert len(calls) == 5 and seq.block_hashes == chained_hashes(seq.get_token_ids(), 4)
+    assert [bm.blocks[b].hash for b in seq.block_table[:4]] == seq.block_hashes[:4]  # the hits
+    child = seq.fork(1)  # a fork starts with its parent's hashes, in a list of its own
+    assert child.block_hashes == seq.block_hashes and child.block_hashes is not seq.block_hashes
+
+
+def test_placeholder_tokens_are_never_hashed():
+    """m4's async placeholders (negative stand-in ids) are not tokens yet: the lookup stops before
+    their block and cache_full_blocks refuses to hash them."""
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a = make_seq(range(9), 0)
+    bm.allocate(a)
+    compute_all(bm, a)
+    b = make_seq(range(7), 1)
+    b.data.append_placeholder(-1)
+    b.data.append_placeholder(-2)  # tokens 0..6, ?, ?: block 1 holds a placeholder
+    assert bm.try_allocate(b) and b.num_cached_tokens == 4 and len(b.block_hashes) == 1
+    with pytest.raises(ValueError, match="known"):
+        bm.cache_full_blocks(b, 8)
+    b.data.pop_placeholder()
+    b.data.pop_placeholder()
+    b.append_token_id(7)
+    bm.cache_full_blocks(b, 8)
+    assert b.block_hashes == chained_hashes(list(range(8)), 4)
+
+
 def test_allocate_deallocate():
     bm = BlockManager(num_blocks=10, block_size=4)
     seq = make_seq(range(10))
@@ -55,6 +131,7 @@ def test_allocate_refuses_without_changing_anything():
     assert bm.num_required_blocks(9) == 3 and not bm.can_allocate(seq)
     with pytest.raises(RuntimeError):
         bm.allocate(seq)
+    assert not bm.try_allocate(seq)
     assert seq.block_table == [] and bm.get_num_free_blocks() == 2
 
 

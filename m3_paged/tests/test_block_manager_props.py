@@ -96,13 +96,20 @@ class BlockManagerMachine(RuleBasedStateMachine):
         ok = bm.can_allocate(seq)
         if required <= free:
             assert ok  # prefix hits can only lower the need
+        use_try = data.draw(st.booleans())  # the scheduler's one-call form, or the two calls
         if not ok:
-            with pytest.raises(RuntimeError):
-                bm.allocate(seq)
+            if use_try:
+                assert not bm.try_allocate(seq)
+            else:
+                with pytest.raises(RuntimeError):
+                    bm.allocate(seq)
             assert seq.block_table == [] and bm.get_num_free_blocks() == free
             return
         cached_free = [b for b in bm.free_block_ids if bm.blocks[b].hash is not None]
-        bm.allocate(seq)
+        if use_try:
+            assert bm.try_allocate(seq)
+        else:
+            bm.allocate(seq)
         # What the workload covered (pytest --hypothesis-show-statistics lists these).
         event(f"allocate: {'hit' if seq.num_cached_tokens else 'miss'}, caching={bm.enable_prefix_caching}")
         if any(b in seq.block_table and bm.blocks[b].hash is not None for b in cached_free):
@@ -235,6 +242,17 @@ class BlockManagerMachine(RuleBasedStateMachine):
                 assert block.token_ids == prefix[-size:]
                 assert block.hash == reference_hash(prefix, size)
                 assert self.prefix_of_hash.setdefault(block.hash, prefix) == prefix
+
+    @invariant()
+    def kept_block_hashes_equal_fresh_ones(self):
+        """`seq.block_hashes`, computed once and kept through appends, forks and preemptions, equal
+        the chained hashes recomputed from the sequence's tokens now, and cover only full blocks."""
+        size = self.bm.block_size
+        for seq in self.waiting + self.running:
+            tokens = tuple(seq.get_token_ids())
+            assert len(seq.block_hashes) <= len(tokens) // size
+            for i, h in enumerate(seq.block_hashes):
+                assert h == reference_hash(tokens[: (i + 1) * size], size)
 
     @invariant()
     def hash_index_is_consistent(self):

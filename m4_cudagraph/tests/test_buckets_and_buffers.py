@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from m0_config.sequence import Sequence
+from m3_paged.attention.metadata import PagedAttentionMetadata
 from m4_cudagraph.buckets import capture_sizes, pick_bucket
+from m4_cudagraph.mixed_batch import MixedBuffers
 from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs, host_decode_inputs_reference
 
 pytestmark = pytest.mark.m4
@@ -109,3 +111,35 @@ def test_buffers_are_reused_not_reallocated(qwen3_dir):
     llm.generate(["Hello", "The model"], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
     assert runner.buffers.input_ids.data_ptr() == ptr
     assert torch.all(runner.buffers.cu_seqlens_q == torch.arange(5, dtype=torch.int32))
+
+
+def _mixed_step(query_lens, seq_lens, block_size=4, first_block=0):
+    tables = [
+        list(range(first_block + 10 * i, first_block + 10 * i + -(-n // block_size)))
+        for i, n in enumerate(seq_lens)
+    ]
+    md = PagedAttentionMetadata.build_paged(query_lens, seq_lens, tables, block_size)
+    return torch.arange(100, 100 + md.num_tokens), md
+
+
+@pytest.mark.parametrize("padded_tokens", [False, True])
+def test_mixed_fill_pads_over_a_larger_earlier_step(padded_tokens):
+    """After a step with more tokens and sequences, a smaller one leaves no stale value the graph
+    reads: padding tokens write nowhere, padding sequences have no tokens and no keys, and every
+    sequence's logits row is its last real token (a padding sequence's: the last real row)."""
+    buf = MixedBuffers.allocate(max_tokens=32, max_seqs=8, max_blocks=8, device="cpu")
+    buf.fill(*_mixed_step([9, 7, 5, 3], [20, 7, 25, 3], first_block=50), num_tokens=32, num_seqs=8)
+    query_lens = [3, 5] if padded_tokens else [9, 7]  # 8 tokens pad to 16; 16 fill the graph
+    input_ids, md = _mixed_step(query_lens, [11, 8])
+    n, num_tokens, num_seqs = md.num_tokens, 16, 8
+    buf.fill(input_ids, md, num_tokens, num_seqs)
+    view = buf.metadata(num_tokens, num_seqs, max_model_len=32, block_size=4)
+    assert buf.input_ids[:n].tolist() == input_ids.tolist()
+    assert view.positions[:n].tolist() == md.positions.tolist()
+    assert view.token_seq_ids[:n].tolist() == md.token_seq_ids.tolist()
+    assert view.slot_mapping.tolist() == md.slot_mapping.tolist() + [-1] * (num_tokens - n)
+    assert view.cu_seqlens_q.tolist() == md.cu_seqlens_q.tolist() + [n] * (num_seqs - 2)
+    assert view.seq_lens.tolist() == md.seq_lens.tolist() + [0] * (num_seqs - 2)
+    assert view.block_tables[:2, : md.block_tables.shape[1]].tolist() == md.block_tables.tolist()
+    last = buf.last_token_indices[:num_seqs].tolist()
+    assert last == md.last_token_indices.tolist() + [n - 1] * (num_seqs - 2)
