@@ -39,10 +39,15 @@ def token_bytes(token_ids: Seq[int]) -> bytes:
     return struct.pack(f"<{len(token_ids)}q", *token_ids)
 
 
-def compute_block_hash(token_ids: Seq[int], parent_hash: int = NO_PARENT_HASH) -> int:
+def _chain_digest(parent_hash: int, block_bytes: bytes) -> int:
     """xxh64 over the parent's hash (8 little-endian bytes; the sentinel -1 becomes 2^64 - 1) followed
-    by the block's `token_bytes`. Returns an unsigned 64-bit int, never -1."""
-    return xxhash.xxh64_intdigest((parent_hash & _U64).to_bytes(8, "little") + token_bytes(token_ids))
+    by the block's token bytes: the one definition of a block hash."""
+    return xxhash.xxh64_intdigest((parent_hash & _U64).to_bytes(8, "little") + block_bytes)
+
+
+def compute_block_hash(token_ids: Seq[int], parent_hash: int = NO_PARENT_HASH) -> int:
+    """`_chain_digest` of one block's `token_bytes`. Returns an unsigned 64-bit int, never -1."""
+    return _chain_digest(parent_hash, token_bytes(token_ids))
 
 
 def hash_blocks(
@@ -64,9 +69,9 @@ def hash_blocks(
             parent_hash = hash_fn(token_ids[start : start + block_size], parent_hash)
             hashes.append(parent_hash)
         return hashes
-    data, step, digest = token_bytes(token_ids), 8 * block_size, xxhash.xxh64_intdigest
+    data, step = token_bytes(token_ids), 8 * block_size
     for start in range(0, len(data), step):
-        parent_hash = digest((parent_hash & _U64).to_bytes(8, "little") + data[start : start + step])
+        parent_hash = _chain_digest(parent_hash, data[start : start + step])
         hashes.append(parent_hash)
     return hashes
 
