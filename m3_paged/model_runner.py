@@ -24,7 +24,7 @@ from m2_kvcache.layers.layer_set import ModelLayers
 from m2_kvcache.model_loader import load_model
 from m2_kvcache.model_runner import ModelRunner as SlotModelRunner
 from m3_paged.attention.backends import get_attn_backend
-from m3_paged.attention.metadata import PagedAttentionMetadata
+from m3_paged.attention.metadata import PagedAttentionMetadata, longest_first
 from m3_paged.kv_cache_sizing import block_bytes, cpu_budget, cuda_budget, num_blocks_for
 from m3_paged.scheduler import SchedulerOutput
 
@@ -206,6 +206,7 @@ class ModelRunner(SlotModelRunner):
             block_tables=on_device(host.block_tables),
             slot_mapping=on_device(host.slot_mapping),
             block_size=self.block_size,
+            seq_order=on_device(longest_first(host.seq_lens)) if max(so.num_scheduled_tokens) == 1 else None,
         )
         return on_device(host.input_ids), md
 

@@ -87,6 +87,7 @@ class ModelRunner(PagedModelRunner):
             block_tables=b.block_tables[:bs],
             slot_mapping=b.slot_mapping[:bs],
             block_size=self.block_size,
+            seq_order=b.seq_order[:bs],
         )
 
     def forward_decode_static(self, bs: int) -> torch.Tensor:

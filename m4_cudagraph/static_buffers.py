@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from m3_paged.attention.metadata import longest_first
+
 
 @dataclass
 class DecodeBuffers:
@@ -27,6 +29,7 @@ class DecodeBuffers:
     block_tables: torch.Tensor  # (max_bs, max_blocks_per_seq) int32
     cu_seqlens_q: torch.Tensor  # (max_bs + 1,) int32: 0, 1, 2, ... (one query token per row)
     token_seq_ids: torch.Tensor  # (max_bs,) int64: 0, 1, 2, ...
+    seq_order: torch.Tensor  # (max_bs,) int32: attention's launch order, longest context first
 
     @classmethod
     def allocate(cls, max_bs: int, max_model_len: int, block_size: int, device) -> DecodeBuffers:
@@ -39,6 +42,7 @@ class DecodeBuffers:
             block_tables=torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device),
             cu_seqlens_q=torch.arange(max_bs + 1, dtype=torch.int32, device=device),
             token_seq_ids=torch.arange(max_bs, dtype=torch.long, device=device),
+            seq_order=torch.arange(max_bs, dtype=torch.int32, device=device),
         )
 
     @property
@@ -79,12 +83,15 @@ def host_decode_inputs(seqs, bucket: int, block_size: int, max_blocks: int) -> d
     slot_mapping[:bs] = blocks * block_size + pos % block_size
     seq_lens = (positions + 1).astype(np.int32)
     seq_lens[bs:] = 1  # padding rows see one dummy key
+    seq_order = np.arange(bucket, dtype=np.int32)  # padding rows last, in any order
+    seq_order[:bs] = longest_first(seq_lens[:bs])
     return dict(
         input_ids=torch.from_numpy(input_ids),
         positions=torch.from_numpy(positions),
         slot_mapping=torch.from_numpy(slot_mapping),
         seq_lens=torch.from_numpy(seq_lens),
         block_tables=torch.from_numpy(block_tables),
+        seq_order=torch.from_numpy(seq_order),
     )
 
 
@@ -93,6 +100,8 @@ def host_decode_inputs_reference(seqs, bucket: int, block_size: int) -> dict[str
     width = max(len(seq.block_table) for seq in seqs)
     rows = [(seq.get_last_token_id(), seq.get_len() - 1, seq.block_table) for seq in seqs]
     rows += [(0, None, [])] * (bucket - len(seqs))  # padding
+    # longest context first (ties in batch order), then the padding rows
+    order = sorted(range(len(seqs)), key=lambda i: -seqs[i].get_len()) + list(range(len(seqs), bucket))
     return dict(
         input_ids=torch.tensor([tok for tok, _, _ in rows]),
         positions=torch.tensor([0 if p is None else p for _, p, _ in rows]),
@@ -101,4 +110,5 @@ def host_decode_inputs_reference(seqs, bucket: int, block_size: int) -> dict[str
         ),
         seq_lens=torch.tensor([1 if p is None else p + 1 for _, p, _ in rows], dtype=torch.int32),
         block_tables=torch.tensor([t + [0] * (width - len(t)) for _, _, t in rows], dtype=torch.int32),
+        seq_order=torch.tensor(order, dtype=torch.int32),
     )

@@ -60,7 +60,7 @@ class TritonPagedBackend:
         store_kvcache(k, v, layer.k_cache, layer.v_cache, md.slot_mapping)
         out = paged_attention(
             q, layer.k_cache, layer.v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, layer.scale,
-            max_seqlen_k=md.max_seqlen_k, num_splits=md.num_splits,
+            max_seqlen_k=md.max_seqlen_k, num_splits=md.num_splits, seq_order=md.seq_order,
         )  # fmt: skip
         return out.reshape(q.shape[0], -1)
 

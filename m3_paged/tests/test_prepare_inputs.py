@@ -60,9 +60,14 @@ def test_host_inputs_reject_an_empty_row():
         HostPagedInputs.build([seq], [0], 4)
 
 
-def test_prepare_inputs_equals_build_paged(qwen3_dir):
+@pytest.mark.parametrize("decode", [False, True])
+def test_prepare_inputs_equals_build_paged(qwen3_dir, decode):
     runner = LLM(qwen3_dir, block_size=4).llm_engine.model_runner
     seqs, query_lens = random_batch(0, 4)
+    if decode:  # one new token per sequence: the batch also gets attention's launch order
+        for seq in seqs:
+            seq.data.num_computed_tokens = seq.get_len() - 1
+        query_lens = [1] * len(seqs)
     so = SchedulerOutput()
     for seq, n in zip(seqs, query_lens):
         so.add(seq, n, True, SamplingParams())
@@ -78,3 +83,9 @@ def test_prepare_inputs_equals_build_paged(qwen3_dir):
         4,
         None,
     )
+    if decode:  # longest context first, ties in batch order
+        lens = [seq.get_len() for seq in seqs]
+        assert md.seq_order.tolist() == sorted(range(len(seqs)), key=lambda i: -lens[i])
+        assert torch.equal(md.seq_order, expected.seq_order)
+    else:
+        assert md.seq_order is None and expected.seq_order is None
