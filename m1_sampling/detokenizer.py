@@ -29,6 +29,9 @@ from m0_config.sequence import Sequence
 # tokenizer whose decoding of a token depends on the tokens before it.
 INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET = 5
 REPLACEMENT_CHAR = "\ufffd"
+# The last tokens of a decode that decide whether it ends mid-character: a UTF-8 character is at
+# most 4 bytes, and every token of the tokenizer's vocabulary is at least one.
+TAIL_TOKENS = 8
 
 
 class IncrementalDecode(NamedTuple):
@@ -174,17 +177,24 @@ class Detokenizer:
             list(seq.data.prompt_token_ids[-INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET - 2 :]), skip
         )
         prefix_text = self.convert_tokens_to_string(context[prefix_offset:read_offset], params)
-        # Each id gives one token string, or none when it is a skipped special token, so the tokens
-        # of ids[:end] are the first num_tokens[end] of `tokens`: convert once, not once per end
-        # tried (trailing tokens that keep the text unfinished made that quadratic).
-        tokens = context + self.convert_ids_to_tokens(ids, skip)
-        num_tokens = [0, *itertools.accumulate(0 if skip and i in self.special_ids else 1 for i in ids)]
+        # Ids that add no text (skipped special tokens, ids past the tokenizer, which HF's decode
+        # drops too) are left out, so the tokens of ids[:end] are the first num_tokens[end] of
+        # `tokens` (converted once), and each candidate end below is a different text.
+        kept = [0 <= i < self.vocab_len and not (skip and i in self.special_ids) for i in ids]
+        tokens = context + self.convert_ids_to_tokens([i for i, k in zip(ids, kept) if k], skip)
+        num_tokens = [0, *itertools.accumulate(kept)]
         tried = None
         for end in range(len(ids), 0, -1):
             n = len(context) + num_tokens[end]  # the tokens of context + ids[:end]
             if n == tried:  # the same tokens as the end just tried: the same unfinished text
                 continue
             tried = n
+            # Whether a decode ends mid-character depends on its last bytes only: test the last few
+            # tokens before decoding all of them (a full decode per candidate end made a long run of
+            # unfinished bytes quadratic: tens of ms for one finished request).
+            tail = self.convert_tokens_to_string(tokens[max(prefix_offset, n - TAIL_TOKENS) : n], params)
+            if tail.endswith(REPLACEMENT_CHAR):
+                continue
             full = self.convert_tokens_to_string(tokens[prefix_offset:n], params)
             if not full.endswith(REPLACEMENT_CHAR):
                 return full[len(prefix_text) :] if len(full) > len(prefix_text) else ""
