@@ -66,7 +66,8 @@ def summarize_timeline(events, kv_bytes_per_token: int) -> dict:
     torch.cuda.synchronize()
     busy = collections.Counter()
     steps = collections.Counter()
-    idle = 0.0
+    idle = collections.Counter()  # by the kind of step the GPU was waiting for
+    gaps = []  # (ms, step index, kind, num_seqs)
     kv_bytes = collections.Counter()
     for i, (start, end, prefill, num_seqs, kv_tokens) in enumerate(events):
         kind = (
@@ -78,13 +79,27 @@ def summarize_timeline(events, kv_bytes_per_token: int) -> dict:
         steps[kind] += 1
         kv_bytes[kind] += kv_tokens * kv_bytes_per_token
         if i:
-            idle += max(0.0, events[i - 1][1].elapsed_time(start) / 1e3)
+            gap = max(0.0, events[i - 1][1].elapsed_time(start) / 1e3)
+            idle[kind] += gap
+            gaps.append((round(gap * 1e3, 3), i, kind, num_seqs))
     return {
         "gpu_busy_s": {k: round(v, 3) for k, v in busy.items()},
         "steps": dict(steps),
         "kv_cache_read_GB": {k: round(v / 1e9, 1) for k, v in kv_bytes.items()},
         "gpu_busy_total_s": round(sum(busy.values()), 3),
-        "gpu_idle_between_steps_s": round(idle, 3),
+        "gpu_idle_between_steps_s": round(sum(idle.values()), 3),
+        "gpu_idle_before_s": {k: round(v, 3) for k, v in idle.items()},
+        # a few long stalls or a little every step? (ms per gap: count, total ms)
+        "gpu_idle_gaps_ms": {
+            label: [sum(lo <= g[0] < hi for g in gaps), round(sum(g[0] for g in gaps if lo <= g[0] < hi), 1)]
+            for label, lo, hi in (
+                ("<0.05", 0, 0.05),
+                ("0.05-0.5", 0.05, 0.5),
+                ("0.5-2", 0.5, 2),
+                (">=2", 2, 1e9),
+            )
+        },
+        "gpu_idle_longest_gaps": sorted(gaps, reverse=True)[:12],  # (ms, step, kind, num_seqs)
         "gpu_span_s": round(events[0][0].elapsed_time(events[-1][1]) / 1e3, 3),
     }
 
@@ -172,6 +187,8 @@ def main(argv=None) -> dict:
     }
     if timeline is not None:
         result.update(summarize_timeline(timeline, kv_bytes_per_token(engine)))
+        # host time before the first step reached the GPU and after the last one finished
+        result["wall_outside_gpu_span_s"] = round(total - result["gpu_span_s"], 3)
     if kernels is not None:
         result["kernel_profile"] = kernels
     if timeline is None and kernels is None:

@@ -133,6 +133,10 @@ class ModelRunner(PagedModelRunner):
             )
         for bs in reversed(self.capture_sizes):
             self.graphs[bs] = self._capture(lambda bs=bs: self.forward_decode_static(bs), bs)
+        # A graph's first replay also uploads it to the GPU; do that now, not in the middle of a run.
+        # The buffers still hold their initial values: every K/V write goes nowhere (slot -1).
+        for graph in (*self.mixed_graphs.values(), *self.graphs.values()):
+            graph.replay()
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - start
         self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
