@@ -42,5 +42,9 @@ class LMHead(VocabEmbedding):
     def tie_weights(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight)  # (num_seqs, hidden) -> (num_seqs, vocab)
+    def forward(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_seqs, hidden) -> (num_seqs, vocab); written into `out` when given (m4's graphs pass
+        their shared logits buffer, which saves a copy of every logit)."""
+        if out is None:
+            return F.linear(hidden_states, self.weight)
+        return torch.mm(hidden_states, self.weight.t(), out=out)

@@ -232,8 +232,8 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
         return self.model(input_ids, positions, attn_metadata)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(num_seqs, hidden_size) -> (num_seqs, vocab_size). The runner passes only each sequence's
-        last position: only the last position goes through the LM head, since it alone is sampled, and
-        the head (hidden x vocab) is the largest matmul of the model."""
-        return self.lm_head(hidden_states)
+    def compute_logits(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(num_seqs, hidden_size) -> (num_seqs, vocab_size), into `out` when given. The runner passes
+        only each sequence's last position: only the last position goes through the LM head, since it
+        alone is sampled, and the head (hidden x vocab) is the largest matmul of the model."""
+        return self.lm_head(hidden_states) if out is None else self.lm_head(hidden_states, out=out)

@@ -82,9 +82,13 @@ class ParallelLMHead(VocabParallelEmbedding):
             )
         self.weight = embedding.weight
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """As m2's LMHead (`out`: the driver's logits are written there; other ranks leave it)."""
+        if out is not None and self.tp_group.world_size == 1 and self.weight.shape[0] == self.num_embeddings:
+            return torch.mm(hidden_states, self.weight.t(), out=out)  # nothing to gather or cut off
         local = F.linear(hidden_states, self.weight)  # (num_seqs, vocab_per_rank): this rank's token ids
         logits = self.tp_group.gather(local, dst=0, dim=-1)  # (num_seqs, vocab_per_rank * tp) on rank 0
         if logits is None:
             return local[:, :0]
-        return logits[:, : self.num_embeddings]  # drop the padding columns
+        logits = logits[:, : self.num_embeddings]  # drop the padding columns
+        return logits if out is None else out.copy_(logits)

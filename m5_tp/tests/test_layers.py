@@ -75,6 +75,8 @@ def run_all(layers: dict, ck: dict) -> dict[str, torch.Tensor]:
         "row": layers["row"](ck["row.in"]),
         "embedding": layers["embedding"](ck["ids"]),
         "lm_head": layers["lm_head"](x),
+        # into a buffer, as m4's graphs call it: on the driver all logits, elsewhere nothing written
+        "lm_head_out": layers["lm_head"](x, out=torch.zeros(x.shape[0], VOCAB)),
         "tied": layers["tied"](x),
     }
 
@@ -163,6 +165,7 @@ def test_vocab_parallel_embedding_and_lm_head(dense, ranks):
     for o in outs:
         torch.testing.assert_close(o["embedding"], dense["embedding"])
     torch.testing.assert_close(outs[0]["lm_head"], dense["lm_head"])  # gathered on the driver only
+    torch.testing.assert_close(outs[0]["lm_head_out"], dense["lm_head"])
     assert all(o["lm_head"].shape == (TOKENS, 0) for o in outs[1:])
     dense_tied = torch.nn.functional.linear(checkpoint(0)["x"], checkpoint(0)["emb"])
     torch.testing.assert_close(outs[0]["tied"], dense_tied)
@@ -209,3 +212,21 @@ def test_tied_head_must_match_the_embedding_split():
     head = ParallelLMHead(VOCAB, HIDDEN, tp_group=TensorParallelGroup(rank=1, world_size=2))
     with pytest.raises(ValueError, match="same vocabulary ranges"):
         head.tie_weights(emb)
+
+
+@pytest.mark.parametrize("vocab", [VOCAB, 7])
+def test_lm_head_writes_into_out(vocab):
+    """m4's graphs pass their logits buffer as `out`: the same logits as m2's head, written there."""
+    torch.manual_seed(0)
+    head = ParallelLMHead(vocab, HIDDEN, tp_group=TensorParallelGroup(rank=0, world_size=1))
+    reference = LMHead(vocab, HIDDEN)
+    head.weight.data.normal_()
+    reference.weight.data.copy_(head.weight.data[:vocab])
+    x, buffer = torch.randn(TOKENS, HIDDEN), torch.full((TOKENS + 2, vocab), float("nan"))
+    with torch.inference_mode():
+        expected = reference(x)
+        torch.testing.assert_close(reference(x, out=buffer[:TOKENS]), expected)
+        buffer.fill_(float("nan"))
+        assert head(x, out=buffer[:TOKENS]).data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer[:TOKENS], expected)
+    assert buffer[TOKENS:].isnan().all()
