@@ -121,9 +121,9 @@ class ModelRunner(PagedModelRunner):
 
     @torch.inference_mode()
     def capture_cudagraphs(self) -> None:
-        """Largest bucket first, all graphs in one memory pool. Each graph copies its logits into
-        one shared (max_bs, vocab) buffer, so nothing a graph allocates outlives its capture and the
-        next (smaller) graph reuses that memory: the pool costs about as much as the largest graph."""
+        """Largest bucket first, all graphs in one memory pool. Each graph's LM head writes its logits
+        into one shared (max_bs, vocab) buffer, so nothing a graph allocates outlives its capture and
+        the next (smaller) graph reuses that memory: the pool costs about as much as the largest graph."""
         start, free_before = time.perf_counter(), torch.cuda.mem_get_info(self.device)[0]
         vocab = self.forward_decode_static(1).shape[-1]
         self.graph_logits = torch.empty(

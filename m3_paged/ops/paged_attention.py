@@ -276,7 +276,8 @@ def paged_attention(
         in which the sequences' programs are launched (longest context first shortens the tail).
         None: batch order. The output is the same for every order.
     block_m, tile_n: tile sizes (powers of two, >= 16; block_m >= group); None picks defaults.
-    num_warps, num_stages: Triton launch options for the attention kernel (None: Triton's defaults).
+    num_warps, num_stages: Triton launch options for the attention kernel (None: Triton's defaults,
+        except 2 stages for unsplit decode batches with 128-key tiles).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -311,6 +312,10 @@ def paged_attention(
     tile_n = tile_n or (
         32 if not on_gpu or head_dim > 128 else 128 if decode_only and _big_smem(q.device) else 64
     )
+    if num_stages is None and decode_only and tile_n == 128 and num_splits == 1 and on_gpu:
+        # Two buffers of 128-key K/V tiles, not Triton's three: measured on an H100 on the throughput
+        # workload's batches of 101-256 sequences, 94.5% -> 95.9% of copy bandwidth.
+        num_stages = 2
     assert block_m >= max(16, group) and tile_n >= 16, (block_m, tile_n, group)
     assert block_m & (block_m - 1) == 0 and tile_n & (tile_n - 1) == 0, "tile sizes must be powers of two"
     block_q = block_m // group
