@@ -86,9 +86,7 @@ class HostPagedInputs:
 class ModelRunner(SlotModelRunner):
     def __init__(self, config: EngineConfig):
         self.block_size = config.cache_config.block_size
-        self.attn_backend = get_attn_backend(
-            config.model_config.attention_backend, config.model_config.device, self.block_size
-        )
+        self.attn_backend = self.make_attn_backend(config)
         super().__init__(config)  # loads the model, then allocate_kv_cache()
         if self.device.type == "cuda":
             self.warm_up()
@@ -96,6 +94,13 @@ class ModelRunner(SlotModelRunner):
     def load_model(self) -> torch.nn.Module:
         return load_model(
             self.config.model_config, attn_backend=self.attn_backend, layers=self.model_layers()
+        )
+
+    def make_attn_backend(self, config: EngineConfig):
+        """The backend every attention layer uses ("auto" or the `attention_backend` option).
+        Extension point: m4 fuses RoPE with the Triton backend's cache write."""
+        return get_attn_backend(
+            config.model_config.attention_backend, config.model_config.device, self.block_size
         )
 
     def model_layers(self) -> ModelLayers:

@@ -19,6 +19,7 @@ from m2_kvcache.layers.activation import SiluAndMul
 from m2_kvcache.layers.layer_set import ModelLayers
 from m2_kvcache.layers.layernorm import RMSNorm
 from m2_kvcache.layers.rotary_embedding import RotaryEmbedding
+from m4_cudagraph.fused_attention import qk_norm_args
 from m4_cudagraph.ops import rms_norm, rotary_embedding, silu_and_mul
 
 
@@ -36,10 +37,7 @@ class FusedRotaryEmbedding(RotaryEmbedding):
     def forward(self, positions, q, k, q_norm: RMSNorm | None = None, k_norm: RMSNorm | None = None):
         """In place on q and k (views into the qkv projection, read by nothing else); Qwen3's
         per-head norms run in the same kernel."""
-        qk_norm = None
-        if q_norm is not None:
-            assert q_norm.eps == k_norm.eps, (q_norm.eps, k_norm.eps)
-            qk_norm = (q_norm.weight, k_norm.weight, q_norm.eps)
+        qk_norm = qk_norm_args(q_norm, k_norm)
         return rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache, qk_norm)
 
 

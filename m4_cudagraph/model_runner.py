@@ -17,11 +17,13 @@ import torch
 from m0_config.config import EngineConfig
 from m0_config.logger import init_logger
 from m2_kvcache.layers.layer_set import ModelLayers
+from m3_paged.attention.backends import TritonPagedBackend
 from m3_paged.attention.metadata import PagedAttentionMetadata
 from m3_paged.model_runner import ModelRunner as PagedModelRunner
 from m3_paged.scheduler import SchedulerOutput
 from m4_cudagraph.async_scheduling import fill_placeholders
 from m4_cudagraph.buckets import capture_sizes, pick_bucket
+from m4_cudagraph.fused_attention import RopeCacheTritonBackend
 from m4_cudagraph.fused_layers import fused_layers_for
 from m4_cudagraph.mixed_batch import MixedBuffers, mixed_capture_sizes
 from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs
@@ -71,6 +73,11 @@ class ModelRunner(PagedModelRunner):
     def model_layers(self) -> ModelLayers:
         """m3's layers with the norms, activation and RoPE as single fused kernels on CUDA."""
         return fused_layers_for(self.device, super().model_layers())
+
+    def make_attn_backend(self, config: EngineConfig):
+        """m3's choice; its Triton backend with RoPE and the cache write in one kernel."""
+        backend = super().make_attn_backend(config)
+        return RopeCacheTritonBackend() if type(backend) is TritonPagedBackend else backend
 
     # ---- capture ---------------------------------------------------------------------------------
     def decode_metadata(self, bs: int) -> PagedAttentionMetadata:

@@ -18,7 +18,11 @@ class AttentionBackend(Protocol):
     causal attention of every query over its sequence's keys so far.
 
     q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, num_kv_heads, head_dim), RoPE applied.
-    Returns (num_tokens, num_heads * head_dim)."""
+    Returns (num_tokens, num_heads * head_dim).
+
+    A backend may also define `rope_and_attend(layer, rotary_emb, positions, q, k, v, attn_metadata,
+    norms)`, taking q and k before RoPE: `Attention.rope_and_attend` then hands it both steps, so it
+    can fuse the rotation with its cache write (m4 does)."""
 
     def forward(
         self, layer: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_metadata: Any
@@ -57,6 +61,17 @@ class Attention(nn.Module):
         """q (num_tokens, num_heads, head_dim), k/v (num_tokens, num_kv_heads, head_dim) ->
         (num_tokens, num_heads * head_dim)."""
         return self.backend.forward(self, q, k, v, attn_metadata)
+
+    def rope_and_attend(
+        self, rotary_emb: nn.Module, positions: torch.Tensor, q, k, v, attn_metadata: Any, norms=()
+    ) -> torch.Tensor:
+        """RoPE on q and k (after `norms`: Qwen3's per-head q and k RMSNorms), then `forward`. A backend
+        with its own `rope_and_attend` does both itself (see AttentionBackend)."""
+        fused = getattr(self.backend, "rope_and_attend", None)
+        if fused is not None:
+            return fused(self, rotary_emb, positions, q, k, v, attn_metadata, norms)
+        q, k = rotary_emb(positions, q, k, *norms)
+        return self.forward(q, k, v, attn_metadata)
 
     def extra_repr(self) -> str:
         return (

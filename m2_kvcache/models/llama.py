@@ -95,10 +95,10 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (num_tokens, num_kv_heads, head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Qwen3 normalizes each head before the rotation (the rotary layer applies the norms, so
-        # that m4 can do both in one kernel).
+        # that m4 can do both in one kernel, and with the attention backend's cache write too).
         norms = (self.q_norm, self.k_norm) if self.qk_norm else ()
-        q, k = self.rotary_emb(positions, q, k, *norms)
-        return self.o_proj(self.attn(q, k, v, attn_metadata))  # (num_tokens, hidden_size)
+        attn_output = self.attn.rope_and_attend(self.rotary_emb, positions, q, k, v, attn_metadata, norms)
+        return self.o_proj(attn_output)  # (num_tokens, hidden_size)
 
 
 class LlamaMLP(nn.Module):

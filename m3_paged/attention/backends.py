@@ -54,10 +54,17 @@ class TritonPagedBackend:
     name = "triton"
 
     def forward(self, layer, q, k, v, attn_metadata: PagedAttentionMetadata) -> torch.Tensor:
-        from m3_paged.ops import paged_attention, store_kvcache
+        from m3_paged.ops import store_kvcache
+
+        store_kvcache(k, v, layer.k_cache, layer.v_cache, attn_metadata.slot_mapping)
+        return self.attend(layer, q, attn_metadata)
+
+    def attend(self, layer, q, attn_metadata: PagedAttentionMetadata) -> torch.Tensor:
+        """The attention alone, over a cache that already holds this step's K/V (m4 writes them in
+        its RoPE kernel)."""
+        from m3_paged.ops import paged_attention
 
         md = attn_metadata
-        store_kvcache(k, v, layer.k_cache, layer.v_cache, md.slot_mapping)
         out = paged_attention(
             q, layer.k_cache, layer.v_cache, md.cu_seqlens_q, md.seq_lens, md.block_tables, layer.scale,
             max_seqlen_k=md.max_seqlen_k, num_splits=md.num_splits, seq_order=md.seq_order,

@@ -9,7 +9,9 @@ layers in a single pass over its input:
 - `rms_norm` / `rms_norm_ref`: RMSNorm over the last dimension, optionally with the residual add
   fused in (returns the normalized sum and the sum); rows may be strided, so it also serves as
   Qwen3's per-head q/k norm on a view of the fused qkv projection.
-- `rotary_embedding` / `rotary_embedding_ref`: rotate-half RoPE applied to q and k in place.
+- `rotary_embedding` / `rotary_embedding_ref`: rotate-half RoPE applied to q and k in place;
+  `rotary_embedding_and_cache` / `rotary_embedding_and_cache_ref`: the same, with the rotated k and v
+  written straight into the paged KV cache (m3's store kernel folded in).
 - `silu_and_mul` / `silu_and_mul_ref`: silu(gate) * up over the fused gate/up projection.
 - `sample_temperature` / `sample_temperature_ref`: the sampler of a temperature-only batch (greedy
   or inverse-CDF, one uniform per row) with the chosen tokens' raw logprobs, reading the logits once
@@ -22,7 +24,12 @@ so these kernels run in Triton's interpreter in the CPU tests.
 import m3_paged.ops  # noqa: F401  (sets TRITON_INTERPRET before the kernels below are decorated)
 
 from .rms_norm import rms_norm, rms_norm_ref  # noqa: E402
-from .rotary import rotary_embedding, rotary_embedding_ref  # noqa: E402
+from .rotary import (  # noqa: E402
+    rotary_embedding,
+    rotary_embedding_and_cache,
+    rotary_embedding_and_cache_ref,
+    rotary_embedding_ref,
+)
 from .sample import sample_temperature, sample_temperature_ref  # noqa: E402
 from .silu_and_mul import silu_and_mul, silu_and_mul_ref  # noqa: E402
 
@@ -30,6 +37,8 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "rotary_embedding",
+    "rotary_embedding_and_cache",
+    "rotary_embedding_and_cache_ref",
     "rotary_embedding_ref",
     "sample_temperature",
     "sample_temperature_ref",

@@ -20,6 +20,8 @@ from m4_cudagraph.ops import (
     rms_norm,
     rms_norm_ref,
     rotary_embedding,
+    rotary_embedding_and_cache,
+    rotary_embedding_and_cache_ref,
     rotary_embedding_ref,
     silu_and_mul,
     silu_and_mul_ref,
@@ -103,6 +105,44 @@ def test_rotary_in_place_equals_reference(
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_tokens,num_heads,num_kv_heads,head_dim,block_size",
+    [(1, 4, 2, 32, 16), (9, 6, 2, 24, 4), (40, 16, 8, 128, 16)],
+)
+@pytest.mark.parametrize("with_qk_norm", [False, True])
+def test_rotary_and_cache_equals_rope_then_store(
+    device, dtype, num_tokens, num_heads, num_kv_heads, head_dim, block_size, with_qk_norm
+):
+    """q rotated in place; the rotated k and v land in their cache slots exactly where m3's store puts
+    them (slot -1 rows nowhere), every other cache entry untouched; k itself is left alone."""
+    g = torch.Generator().manual_seed(7)
+    q, k = qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device)
+    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=g).to(device, dtype)
+    weights = [torch.randn(head_dim, generator=g).to(device, dtype) for _ in range(2)]
+    qk_norm = (*weights, 1e-6) if with_qk_norm else None
+    freqs = torch.outer(torch.arange(512, dtype=torch.float32), compute_inv_freq(head_dim, 10000.0))
+    cos, sin = freqs.cos().to(device), freqs.sin().to(device)
+    positions = torch.randint(0, 512, (num_tokens,), generator=g).to(device)
+    num_blocks = -(-num_tokens // block_size) + 2
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:num_tokens]
+    slots[::3] = -1  # padding rows of a graph batch write nowhere
+    slots = slots.to(device)
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(cache_shape, generator=g).to(device, dtype) for _ in range(2))
+    k_before, expected_k_cache, expected_v_cache = k.clone(), k_cache.clone(), v_cache.clone()
+    q_ref = rotary_embedding_and_cache_ref(
+        positions, q.clone(), k.clone(), v, cos, sin, expected_k_cache, expected_v_cache, slots, qk_norm
+    )
+    q_out = rotary_embedding_and_cache(positions, q, k, v, cos, sin, k_cache, v_cache, slots, qk_norm)
+    assert q_out.data_ptr() == q.data_ptr() and torch.equal(k, k_before)
+    tol = dict(atol=6e-2, rtol=2e-2) if with_qk_norm and dtype == torch.bfloat16 else TOL[dtype]
+    torch.testing.assert_close(q.float(), q_ref.float(), **tol)
+    torch.testing.assert_close(k_cache.float(), expected_k_cache.float(), **tol)
+    assert torch.equal(v_cache, expected_v_cache)  # a copy: bit for bit
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_tokens,d", [(1, 64), (6, 1500), (33, 3072)])
 def test_silu_and_mul(device, dtype, num_tokens, d):
     x = torch.randn(num_tokens, 2 * d, generator=torch.Generator().manual_seed(d)).to(device, dtype) * 4
@@ -125,3 +165,23 @@ def test_fused_model_equals_m2_model(toy_model_dir, arch):
         expected = plain.compute_logits(plain(input_ids, md.positions, md))
         got = fused.compute_logits(fused(input_ids, md.positions, md))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_cache_backend_engine_equals_m3(toy_arch_dir, device):
+    """m4 on the Triton backend (RoPE and the cache write in one kernel; Triton's interpreter on a
+    CPU) gives the greedy tokens of m3 on the torch backend, through prefill, prefix hits and decode."""
+    import m3_paged
+    import m4_cudagraph
+    from m4_cudagraph.fused_attention import RopeCacheTritonBackend
+
+    prompts = ["Hello, my name is", "Hello, my name is Bob and", "a b c d e f g h"]
+    params = m4_cudagraph.SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    kw = dict(device=device, dtype="float32", block_size=4, kv_cache_memory_bytes=2**22)
+    m3 = m3_paged.LLM(toy_arch_dir, attention_backend="torch", **kw)
+    expected = [o.outputs[0].token_ids for o in m3.generate(prompts, params, use_tqdm=False)]
+    m4 = m4_cudagraph.LLM(toy_arch_dir, attention_backend="triton", **kw)
+    assert isinstance(m4.llm_engine.model_runner.attn_backend, RopeCacheTritonBackend)
+    for _ in range(2):  # the second round hits the prefix cache
+        got = [o.outputs[0].token_ids for o in m4.generate(prompts, params, use_tqdm=False)]
+        assert got == expected
