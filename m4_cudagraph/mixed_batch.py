@@ -99,9 +99,12 @@ class MixedBuffers:
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(md.positions)
         self.slot_mapping[:n].copy_(md.slot_mapping)
+        self.token_seq_ids[:n].copy_(md.token_seq_ids)
         if num_tokens > n:
             self.slot_mapping[n:num_tokens].fill_(-1)  # padding tokens write nowhere
-        self.token_seq_ids[:n].copy_(md.token_seq_ids)
+            # and belong to sequence 0 for the torch backend (any real one; a graph of one sequence
+            # slot must not see a larger, earlier step's ids)
+            self.token_seq_ids[n:num_tokens].fill_(0)
         self.cu_seqlens_q[: s + 1].copy_(md.cu_seqlens_q)
         self.seq_lens[:s].copy_(md.seq_lens)
         if num_seqs > s:

@@ -48,7 +48,7 @@ class ModelRunner(PagedModelRunner):
             self.device,
         )
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.mixed_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.mixed_graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (num_tokens, num_seqs)
         # (max_bs, vocab) in the model's dtype: every graph's LM head writes its rows here (no copy:
         # 49 us per step at 256 rows when it was one, on an H100). Steps hand the sampler
         # a view, not a copy: the next replay overwrites it only after this step's sampler kernels ran
@@ -109,10 +109,21 @@ class ModelRunner(PagedModelRunner):
         """Sequences a mixed graph of num_tokens tokens has room for (each brings >= 1 token)."""
         return min(num_tokens, self.config.scheduler_config.max_num_seqs)
 
-    def forward_mixed_static(self, num_tokens: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def mixed_graph_seqs(self, num_tokens: int, batch_seqs: int) -> int:
+        """The sequence slots of the mixed graph a step of batch_seqs sequences replays. A lone
+        sequence (a prompt whose prefix is cached: the time to first token) gets a graph of its own:
+        the attention grid of a graph grows with its sequence slots, and with 32 padding sequences the
+        programs that find no work cost more than the one sequence's attention (H100, 32 new tokens
+        after a 2,048-token prefix: 521 us of attention per step)."""
+        return 1 if batch_seqs == 1 else self.mixed_num_seqs(num_tokens)
+
+    def forward_mixed_static(
+        self, num_tokens: int, out: torch.Tensor | None = None, num_seqs: int | None = None
+    ) -> torch.Tensor:
         """One step of `num_tokens` (padded) tokens with prefill work, read from the mixed buffers:
-        (mixed_num_seqs(num_tokens), vocab) logits at each sequence's last token (in `out` when given)."""
-        num_seqs, b = self.mixed_num_seqs(num_tokens), self.mixed_buffers
+        (num_seqs, vocab) logits at each sequence's last token (in `out` when given); num_seqs
+        defaults to mixed_num_seqs(num_tokens)."""
+        num_seqs, b = num_seqs or self.mixed_num_seqs(num_tokens), self.mixed_buffers
         md = b.metadata(num_tokens, num_seqs, self.config.model_config.max_model_len, self.block_size)
         hidden = self.model(b.input_ids[:num_tokens], md.positions, md)  # (num_tokens, hidden_size)
         return self.model.compute_logits(hidden[b.last_token_indices[:num_seqs]], out=out)
@@ -137,9 +148,10 @@ class ModelRunner(PagedModelRunner):
             self.capture_sizes[-1], vocab, dtype=self.config.model_config.torch_dtype, device=self.device
         )
         for num_tokens in reversed(self.mixed_sizes):
-            self.mixed_graphs[num_tokens] = self._capture(
-                lambda out, t=num_tokens: self.forward_mixed_static(t, out), self.mixed_num_seqs(num_tokens)
-            )
+            for num_seqs in sorted({self.mixed_num_seqs(num_tokens), 1}, reverse=True):
+                self.mixed_graphs[num_tokens, num_seqs] = self._capture(
+                    lambda out, t=num_tokens, s=num_seqs: self.forward_mixed_static(t, out, s), num_seqs
+                )
         for bs in reversed(self.capture_sizes):
             self.graphs[bs] = self._capture(lambda out, bs=bs: self.forward_decode_static(bs, out), bs)
         # A graph's first replay also uploads it to the GPU; do that now, not in the middle of a run.
@@ -150,7 +162,8 @@ class ModelRunner(PagedModelRunner):
         self.capture_seconds = time.perf_counter() - start
         self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
         logger.info(
-            "captured %d decode CUDA graphs (batch sizes %s) and %d mixed ones (token counts %s) in "
+            "captured %d decode CUDA graphs (batch sizes %s) and %d mixed ones (token counts %s, each for "
+            "one sequence and for many) in "
             "%.1f s, using %.0f MiB",
             len(self.graphs), self.capture_sizes, len(self.mixed_graphs), self.mixed_sizes,
             self.capture_seconds, self.graph_memory_bytes / 2**20,
@@ -207,11 +220,11 @@ class ModelRunner(PagedModelRunner):
     def execute_mixed(self, so: SchedulerOutput, num_tokens: int) -> torch.Tensor:
         self.copy_blocks(so.block_copies)
         input_ids, md = self.prepare_inputs(so)  # m3's inputs, then padded into the fixed buffers
-        num_seqs = self.mixed_num_seqs(num_tokens)
+        num_seqs = self.mixed_graph_seqs(num_tokens, len(so.seqs))
         self.mixed_buffers.fill(input_ids, md, num_tokens, num_seqs)
-        if num_tokens in self.mixed_graphs:
-            self.mixed_graphs[num_tokens].replay()
+        if (num_tokens, num_seqs) in self.mixed_graphs:
+            self.mixed_graphs[num_tokens, num_seqs].replay()
             logits = self.graph_logits[:num_seqs]
         else:  # CPU tests: the same padded computation, eagerly
-            logits = self.forward_mixed_static(num_tokens)
+            logits = self.forward_mixed_static(num_tokens, num_seqs=num_seqs)
         return logits[: len(so.seqs)]
