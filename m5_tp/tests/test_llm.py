@@ -186,6 +186,17 @@ def test_ranks_launch_the_same_collectives_in_the_same_order(tp2):
     assert driver == worker
 
 
+def test_tp2_on_the_rope_cache_triton_backend_equals_m4(qwen3_dir, m4_greedy):
+    """Every rank runs m4's RoPE + KV-cache-write kernel and the Triton attention on its share of the
+    heads (Triton's interpreter on a CPU): the tokens of m4 at TP=1 on the torch backend."""
+    from m4_cudagraph.fused_attention import RopeCacheTritonBackend
+
+    with LLM(qwen3_dir, tensor_parallel_size=2, attention_backend="triton", **CHUNKED) as llm:
+        driver = llm.llm_engine.model_runner.handles.driver_runner
+        assert isinstance(driver.attn_backend, RopeCacheTritonBackend)
+        assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == m4_greedy
+
+
 def test_llama_tp2_context_manager_stops_workers(toy_model_dir):
     model_dir = toy_model_dir("llama")  # untied LM head: its own vocabulary shards
     with LLM(model_dir, tensor_parallel_size=2, block_size=4) as llm:
