@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from m3_paged.attention.metadata import PagedAttentionMetadata
+from m3_paged.model_runner import HostPagedInputs
+from m4_cudagraph.packed_inputs import PackedBuffers
 
 MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 
@@ -44,6 +47,12 @@ def mixed_num_splits(num_tokens: int) -> int:
     return max(1, min(32, 512 // num_tokens))
 
 
+# The mixed-step inputs that one packed copy refreshes each step (block tables have their own copy).
+STEP_FIELDS = (
+    "input_ids", "positions", "slot_mapping", "token_seq_ids", "cu_seqlens_q", "seq_lens", "last_token_indices"
+)  # fmt: skip
+
+
 @dataclass
 class MixedBuffers:
     """Fixed-address inputs of the mixed graphs, sized for the largest one."""
@@ -57,22 +66,23 @@ class MixedBuffers:
     seq_lens: torch.Tensor  # (max_seqs,) int32, 0 for padding sequences
     block_tables: torch.Tensor  # (max_seqs, max_blocks_per_seq) int32
     last_token_indices: torch.Tensor  # (max_seqs,) int64: cu_seqlens_q[1:] - 1 (padding: the last real row)
+    packed: PackedBuffers  # holds the STEP_FIELDS above (views into one allocation)
 
     @classmethod
     def allocate(cls, max_tokens: int, max_seqs: int, max_blocks: int, device) -> MixedBuffers:
-        def zeros(*shape, dtype=torch.long):
-            return torch.zeros(shape, dtype=dtype, device=device)
-
+        int64, int32 = torch.long, torch.int32
+        packed = PackedBuffers(
+            dict(input_ids=(max_tokens, int64), positions=(max_tokens, int64), slot_mapping=(max_tokens, int64),
+                 token_seq_ids=(max_tokens, int64), cu_seqlens_q=(max_seqs + 1, int32),
+                 seq_lens=(max_seqs, int32), last_token_indices=(max_seqs, int64)),
+            device,
+        )  # fmt: skip
+        packed.view("slot_mapping").fill_(-1)  # until the first step, every token writes nowhere
         return cls(
-            input_ids=zeros(max_tokens),
-            positions=zeros(max_tokens),
-            slot_mapping=torch.full((max_tokens,), -1, dtype=torch.long, device=device),
-            token_seq_ids=zeros(max_tokens),
+            **{name: packed.view(name) for name in STEP_FIELDS},
             seq_ids=torch.arange(max_seqs, device=device),
-            cu_seqlens_q=zeros(max_seqs + 1, dtype=torch.int32),
-            seq_lens=zeros(max_seqs, dtype=torch.int32),
-            block_tables=zeros(max_seqs, max_blocks, dtype=torch.int32),
-            last_token_indices=zeros(max_seqs),
+            block_tables=torch.zeros(max_seqs, max_blocks, dtype=torch.int32, device=device),
+            packed=packed,
         )
 
     def metadata(self, num_tokens: int, num_seqs: int, max_model_len: int, block_size: int):
@@ -91,25 +101,26 @@ class MixedBuffers:
             num_splits=mixed_num_splits(num_tokens),
         )
 
-    def fill(self, input_ids: torch.Tensor, md: PagedAttentionMetadata, num_tokens: int, num_seqs: int):
-        """Copy one step's inputs (built by m3's prepare_inputs) in, padded to the graph's sizes.
-        Every op is a kernel launch on a GPU, paid in host time by each step: padding that is
-        empty is skipped, and the last-token rows come from the buffer just filled in one op."""
-        n, s = md.num_tokens, md.num_seqs
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(md.positions)
-        self.slot_mapping[:n].copy_(md.slot_mapping)
-        self.token_seq_ids[:n].copy_(md.token_seq_ids)
-        if num_tokens > n:
-            self.slot_mapping[n:num_tokens].fill_(-1)  # padding tokens write nowhere
-            # and belong to sequence 0 for the torch backend (any real one; a graph of one sequence
-            # slot must not see a larger, earlier step's ids)
-            self.token_seq_ids[n:num_tokens].fill_(0)
-        self.cu_seqlens_q[: s + 1].copy_(md.cu_seqlens_q)
-        self.seq_lens[:s].copy_(md.seq_lens)
-        if num_seqs > s:
-            self.cu_seqlens_q[s + 1 : num_seqs + 1].fill_(n)  # padding sequences: no tokens
-            self.seq_lens[s:num_seqs].fill_(0)
-        self.block_tables[:s, : md.block_tables.shape[1]].copy_(md.block_tables)
-        # (num_seqs,): each sequence's last row; a padding sequence's is row n - 1, its logits dropped
-        torch.sub(self.cu_seqlens_q[1 : num_seqs + 1], 1, out=self.last_token_indices[:num_seqs])
+    def fill(self, host: HostPagedInputs, num_tokens: int, num_seqs: int) -> None:
+        """Copy one step's inputs (m3's `HostPagedInputs`) in, padded to a graph of num_tokens x
+        num_seqs: one packed copy of the per-token and per-sequence values, one of the block tables.
+        Padding tokens write nowhere (slot -1) and belong to sequence 0 (any real one: a graph of one
+        sequence slot must not see a larger, earlier step's ids); padding sequences have no tokens
+        (cu_seqlens_q repeats the total) and no keys."""
+        n, s = len(host.input_ids), len(host.seq_lens)
+        slot_mapping = np.full(num_tokens, -1, dtype=np.int64)
+        slot_mapping[:n] = host.slot_mapping
+        cu_seqlens_q = np.full(num_seqs + 1, n, dtype=np.int32)
+        cu_seqlens_q[: s + 1] = host.cu_seqlens_q
+        self.packed.upload(
+            dict(
+                input_ids=host.input_ids, positions=host.positions, slot_mapping=slot_mapping,
+                token_seq_ids=host.token_seq_ids, cu_seqlens_q=cu_seqlens_q, seq_lens=host.seq_lens,
+                # (num_seqs,): each sequence's last row; a padding sequence's is row n - 1, its logits dropped
+                last_token_indices=cu_seqlens_q[1:] - 1,
+            )
+        )  # fmt: skip
+        tables = torch.from_numpy(host.block_tables)  # (s, width)
+        target = self.block_tables[:s, : tables.shape[1]]
+        on_gpu = target.device.type == "cuda"
+        target.copy_(tables.pin_memory() if on_gpu else tables, non_blocking=on_gpu)

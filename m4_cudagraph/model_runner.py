@@ -19,6 +19,7 @@ from m0_config.logger import init_logger
 from m2_kvcache.layers.layer_set import ModelLayers
 from m3_paged.attention.backends import TritonPagedBackend
 from m3_paged.attention.metadata import PagedAttentionMetadata
+from m3_paged.model_runner import HostPagedInputs
 from m3_paged.model_runner import ModelRunner as PagedModelRunner
 from m3_paged.scheduler import SchedulerOutput
 from m4_cudagraph.async_scheduling import fill_placeholders
@@ -199,14 +200,8 @@ class ModelRunner(PagedModelRunner):
 
     def execute_decode(self, so: SchedulerOutput, bucket: int) -> torch.Tensor:
         self.copy_blocks(so.block_copies)
-        host = host_decode_inputs(so.seqs, bucket, self.block_size, self.buffers.max_blocks_per_seq)
-        on_gpu = self.device.type == "cuda"
-        for name, tensor in host.items():
-            target = getattr(self.buffers, name)
-            # block_tables: only the columns this batch uses are refreshed
-            target = target[:bucket, : tensor.shape[1]] if tensor.dim() == 2 else target[:bucket]
-            # From pinned memory, asynchronously: the host never waits (see m1's `to_device`).
-            target.copy_(tensor.pin_memory() if on_gpu else tensor, non_blocking=True)
+        b = self.buffers
+        b.fill(host_decode_inputs(so.seqs, bucket, self.block_size, b.max_blocks_per_seq))
         if so.prev_sampled_token_ids is not None:  # async scheduling: last tokens still on the device
             input_ids = self.buffers.input_ids[:bucket]
             input_ids.copy_(fill_placeholders(input_ids, so.prev_sampled_token_ids))
@@ -219,9 +214,14 @@ class ModelRunner(PagedModelRunner):
 
     def execute_mixed(self, so: SchedulerOutput, num_tokens: int) -> torch.Tensor:
         self.copy_blocks(so.block_copies)
-        input_ids, md = self.prepare_inputs(so)  # m3's inputs, then padded into the fixed buffers
+        # m3's inputs in host memory (what prepare_inputs would copy to the GPU field by field),
+        # padded into the fixed buffers with two copies; placeholders filled on the device.
+        host = HostPagedInputs.build(so.seqs, so.num_scheduled_tokens, self.block_size)
         num_seqs = self.mixed_graph_seqs(num_tokens, len(so.seqs))
-        self.mixed_buffers.fill(input_ids, md, num_tokens, num_seqs)
+        self.mixed_buffers.fill(host, num_tokens, num_seqs)
+        if so.prev_sampled_token_ids is not None:  # async scheduling: see execute_decode
+            input_ids = self.mixed_buffers.input_ids[: len(host.input_ids)]
+            input_ids.copy_(fill_placeholders(input_ids, so.prev_sampled_token_ids))
         if (num_tokens, num_seqs) in self.mixed_graphs:
             self.mixed_graphs[num_tokens, num_seqs].replay()
             logits = self.graph_logits[:num_seqs]

@@ -7,6 +7,9 @@ stop checker caps it), so a table never outgrows the captured width.
 
 Padding rows (batch_size .. bucket-1) write their K/V nowhere (slot -1) and attend to one dummy
 key (seq_len 1, block 0), which keeps their softmax finite; their outputs are dropped.
+
+The five inputs that change every step share one allocation (`PackedBuffers`), so a step moves
+them with one copy; the block tables get one more.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import numpy as np
 import torch
 
 from m3_paged.attention.metadata import longest_first
+from m4_cudagraph.packed_inputs import PackedBuffers
+
+# The decode inputs that one packed copy refreshes each step (block tables have their own copy).
+STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "seq_order")
 
 
 @dataclass
@@ -30,20 +37,37 @@ class DecodeBuffers:
     cu_seqlens_q: torch.Tensor  # (max_bs + 1,) int32: 0, 1, 2, ... (one query token per row)
     token_seq_ids: torch.Tensor  # (max_bs,) int64: 0, 1, 2, ...
     seq_order: torch.Tensor  # (max_bs,) int32: attention's launch order, longest context first
+    packed: PackedBuffers  # holds the STEP_FIELDS above (views into one allocation)
 
     @classmethod
     def allocate(cls, max_bs: int, max_model_len: int, block_size: int, device) -> DecodeBuffers:
         max_blocks = -(-max_model_len // block_size)
+        int64, int32 = torch.long, torch.int32
+        packed = PackedBuffers(
+            dict(input_ids=(max_bs, int64), positions=(max_bs, int64), slot_mapping=(max_bs, int64),
+                 seq_lens=(max_bs, int32), seq_order=(max_bs, int32)),
+            device,
+        )  # fmt: skip
+        # Until the first step: every row writes nowhere and sees one dummy key (a safe replay).
+        packed.view("slot_mapping").fill_(-1)
+        packed.view("seq_lens").fill_(1)
         return cls(
-            input_ids=torch.zeros(max_bs, dtype=torch.long, device=device),
-            positions=torch.zeros(max_bs, dtype=torch.long, device=device),
-            slot_mapping=torch.full((max_bs,), -1, dtype=torch.long, device=device),
-            seq_lens=torch.ones(max_bs, dtype=torch.int32, device=device),
+            **{name: packed.view(name) for name in STEP_FIELDS},
             block_tables=torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device),
             cu_seqlens_q=torch.arange(max_bs + 1, dtype=torch.int32, device=device),
             token_seq_ids=torch.arange(max_bs, dtype=torch.long, device=device),
-            seq_order=torch.arange(max_bs, dtype=torch.int32, device=device),
+            packed=packed,
         )
+
+    def fill(self, host: dict[str, torch.Tensor]) -> None:
+        """Copy one step's `host_decode_inputs` in: one packed copy, then the tables' used corner
+        (columns past a row's length are never read, so stale values there are fine)."""
+        self.packed.upload({name: host[name] for name in STEP_FIELDS})
+        tables = host["block_tables"]  # (bucket, width)
+        target = self.block_tables[: tables.shape[0], : tables.shape[1]]
+        on_gpu = target.device.type == "cuda"
+        # From pinned memory, asynchronously: the host never waits (see m1's `to_device`).
+        target.copy_(tables.pin_memory() if on_gpu else tables, non_blocking=on_gpu)
 
     @property
     def max_blocks_per_seq(self) -> int:

@@ -7,6 +7,7 @@ import torch
 
 from m0_config.sequence import Sequence
 from m3_paged.attention.metadata import PagedAttentionMetadata
+from m3_paged.model_runner import HostPagedInputs
 from m4_cudagraph.buckets import capture_sizes, pick_bucket
 from m4_cudagraph.mixed_batch import MixedBuffers
 from m4_cudagraph.static_buffers import DecodeBuffers, host_decode_inputs, host_decode_inputs_reference
@@ -113,13 +114,21 @@ def test_buffers_are_reused_not_reallocated(qwen3_dir):
     assert torch.all(runner.buffers.cu_seqlens_q == torch.arange(5, dtype=torch.int32))
 
 
+HOST_FIELDS = ("token_seq_ids", "positions", "slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables")
+
+
 def _mixed_step(query_lens, seq_lens, block_size=4, first_block=0):
     tables = [
         list(range(first_block + 10 * i, first_block + 10 * i + -(-n // block_size)))
         for i, n in enumerate(seq_lens)
     ]
     md = PagedAttentionMetadata.build_paged(query_lens, seq_lens, tables, block_size)
-    return torch.arange(100, 100 + md.num_tokens), md
+    input_ids = torch.arange(100, 100 + md.num_tokens)
+    host = HostPagedInputs(  # the host arrays m3's prepare_inputs would copy: the reference's values
+        input_ids=input_ids.numpy(),
+        **{name: getattr(md, name).numpy() for name in HOST_FIELDS},
+    )
+    return input_ids, md, host
 
 
 @pytest.mark.parametrize("padded_tokens", [False, True])
@@ -128,11 +137,11 @@ def test_mixed_fill_pads_over_a_larger_earlier_step(padded_tokens):
     reads: padding tokens write nowhere, padding sequences have no tokens and no keys, and every
     sequence's logits row is its last real token (a padding sequence's: the last real row)."""
     buf = MixedBuffers.allocate(max_tokens=32, max_seqs=8, max_blocks=8, device="cpu")
-    buf.fill(*_mixed_step([9, 7, 5, 3], [20, 7, 25, 3], first_block=50), num_tokens=32, num_seqs=8)
+    buf.fill(_mixed_step([9, 7, 5, 3], [20, 7, 25, 3], first_block=50)[2], num_tokens=32, num_seqs=8)
     query_lens = [3, 5] if padded_tokens else [9, 7]  # 8 tokens pad to 16; 16 fill the graph
-    input_ids, md = _mixed_step(query_lens, [11, 8])
+    input_ids, md, host = _mixed_step(query_lens, [11, 8])
     n, num_tokens, num_seqs = md.num_tokens, 16, 8
-    buf.fill(input_ids, md, num_tokens, num_seqs)
+    buf.fill(host, num_tokens, num_seqs)
     view = buf.metadata(num_tokens, num_seqs, max_model_len=32, block_size=4)
     assert buf.input_ids[:n].tolist() == input_ids.tolist()
     assert view.positions[:n].tolist() == md.positions.tolist()
