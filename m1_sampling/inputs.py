@@ -18,7 +18,13 @@ class ParsedPrompt:
 
 
 def _is_token_list(x) -> bool:
-    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+    """A list of ints (bools are not token ids). Checked over the set of the elements' types, which
+    runs at C speed: per element in Python it took ~30 ms for the throughput workload's 144k prompt
+    tokens, all before the first step could start."""
+    if not isinstance(x, list):
+        return False
+    types = set(map(type, x))
+    return types <= {int} or all(issubclass(t, int) and not issubclass(t, bool) for t in types)
 
 
 def normalize_prompts(prompts) -> list:
@@ -51,9 +57,9 @@ def parse_prompt(
         raise ValueError(f"prompt {index}: prompt_token_ids must be a list of ints")
     if len(ids) == 0:
         raise ValueError(f"prompt {index} is empty: give at least one token")
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary [0, {vocab_size})")
     if len(ids) >= max_model_len:
         raise ValueError(
             f"prompt {index} has {len(ids)} tokens but max_model_len is {max_model_len}: a prompt may have "

@@ -120,3 +120,30 @@ def test_wrong_type_engine_argument(qwen3_dir):
 
     with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
         m3_paged.LLM(qwen3_dir, gpu_memory_utilization="0.5")
+
+
+@pytest.mark.parametrize(
+    "x",
+    [[], [1, 2, 3], [1, True], [True], [1, 2.0], [1, "2"], [1, None], (1, 2), [[1]], [1, 2**70]],
+    ids=repr,
+)
+def test_token_list_check_matches_per_element_reference(x):
+    """The set-of-types check accepts exactly what the per-element check does (ints, not bools)."""
+    import enum
+
+    import numpy as np
+
+    from m1_sampling.inputs import _is_token_list
+
+    def reference(v):
+        return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    for value in (
+        x,
+        x + [np.int64(3)] if isinstance(x, list) else x,
+        x + [Color.RED] if isinstance(x, list) else x,
+    ):
+        assert _is_token_list(value) == reference(value), value
