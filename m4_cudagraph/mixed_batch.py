@@ -29,7 +29,7 @@ import torch
 
 from m3_paged.attention.metadata import PagedAttentionMetadata
 from m3_paged.model_runner import HostPagedInputs
-from m4_cudagraph.packed_inputs import PackedBuffers
+from m4_cudagraph.packed_inputs import PackedBuffers, upload_corner
 
 MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 
@@ -120,7 +120,4 @@ class MixedBuffers:
                 last_token_indices=cu_seqlens_q[1:] - 1,
             )
         )  # fmt: skip
-        tables = torch.from_numpy(host.block_tables)  # (s, width)
-        target = self.block_tables[:s, : tables.shape[1]]
-        on_gpu = target.device.type == "cuda"
-        target.copy_(tables.pin_memory() if on_gpu else tables, non_blocking=on_gpu)
+        upload_corner(self.block_tables, torch.from_numpy(host.block_tables))  # (s, width)

@@ -65,3 +65,11 @@ class PackedBuffers:
             field = self._field(staging, offset, len(value), dtype).numpy()
             field[:] = value
         self.arena.copy_(staging, non_blocking=on_gpu)
+
+
+def upload_corner(target: torch.Tensor, values: torch.Tensor) -> None:
+    """values (rows, cols), a host tensor, into target[:rows, :cols]: one strided copy, from pinned
+    memory and asynchronous on CUDA (see m1's `to_device`)."""
+    corner = target[: values.shape[0], : values.shape[1]]
+    on_gpu = corner.device.type == "cuda"
+    corner.copy_(values.pin_memory() if on_gpu else values, non_blocking=on_gpu)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from m3_paged.attention.metadata import longest_first
-from m4_cudagraph.packed_inputs import PackedBuffers
+from m4_cudagraph.packed_inputs import PackedBuffers, upload_corner
 
 # The decode inputs that one packed copy refreshes each step (block tables have their own copy).
 STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "seq_order")
@@ -51,6 +51,7 @@ class DecodeBuffers:
         # Until the first step: every row writes nowhere and sees one dummy key (a safe replay).
         packed.view("slot_mapping").fill_(-1)
         packed.view("seq_lens").fill_(1)
+        packed.view("seq_order").copy_(torch.arange(max_bs))
         return cls(
             **{name: packed.view(name) for name in STEP_FIELDS},
             block_tables=torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=device),
@@ -63,11 +64,7 @@ class DecodeBuffers:
         """Copy one step's `host_decode_inputs` in: one packed copy, then the tables' used corner
         (columns past a row's length are never read, so stale values there are fine)."""
         self.packed.upload({name: host[name] for name in STEP_FIELDS})
-        tables = host["block_tables"]  # (bucket, width)
-        target = self.block_tables[: tables.shape[0], : tables.shape[1]]
-        on_gpu = target.device.type == "cuda"
-        # From pinned memory, asynchronously: the host never waits (see m1's `to_device`).
-        target.copy_(tables.pin_memory() if on_gpu else tables, non_blocking=on_gpu)
+        upload_corner(self.block_tables, host["block_tables"])  # (bucket, width)
 
     @property
     def max_blocks_per_seq(self) -> int:

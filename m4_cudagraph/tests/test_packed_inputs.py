@@ -66,3 +66,12 @@ def test_decode_fill_puts_host_inputs_where_the_graph_reads_them():
     # the constant inputs live outside the packed arena and are untouched
     assert torch.equal(buf.cu_seqlens_q, torch.arange(9, dtype=torch.int32))
     assert torch.equal(buf.token_seq_ids, torch.arange(8))
+
+
+def test_decode_buffers_start_in_a_safe_replay_state():
+    """Before the first step (capture and warm replays), every row writes nowhere, sees one key and
+    is launched once, in row order."""
+    buf = DecodeBuffers.allocate(max_bs=6, max_model_len=64, block_size=4, device="cpu")
+    assert buf.slot_mapping.tolist() == [-1] * 6
+    assert buf.seq_lens.tolist() == [1] * 6
+    assert buf.seq_order.tolist() == list(range(6))
