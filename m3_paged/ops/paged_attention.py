@@ -29,6 +29,16 @@ How the work is cut (one program = one query tile x one kv head x one KV split):
   `_merge_splits_kernel` then combines: out = sum_s w_s o_s with w_s = 2^(lse_s - lse_max) / sum(...).
   The kernel is general (any batch can be split); the wrapper turns it on automatically only for
   decode-only batches with long contexts (`choose_num_splits`), and `num_splits` forces it.
+* Programmatic dependent launch (PDL, CUDA only). Both kernels are launched with `launch_pdl=True`:
+  a program may start before the previous kernel has finished, as soon as every program of that
+  kernel has called `gdc_launch_dependents` (m4's RoPE + cache-write kernel does so first thing).
+  The attention kernel reads the step's metadata (launch order, query ranges, sequence lengths: all
+  written by the host before the step) and only then waits (`gdc_wait`) for the previous kernel's
+  q and newest keys and values; the merge waits first thing. So the launch latency and the first
+  dependent loads overlap the previous kernel. Every program waits, even one with no work, so a
+  kernel's completion still implies its predecessor's. The attention kernel itself does not let its
+  successor in early: measured on an H100, that made decode steps of 16 sequences 6% slower, while
+  without it every batch size got faster (1 sequence -13%, 256 -0.6%).
 * Launch order (decode-only batches). The GPU starts programs roughly in launch order, so whatever is
   launched last decides how long the last wave keeps a few SMs busy while the rest idle. Given
   `seq_order` (longest context first, built by the host: `m3_paged/attention/metadata.py`), program i
@@ -45,6 +55,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .paged_attention_ref import paged_attention_ref
 
@@ -122,6 +133,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     HAS_SEQ_ORDER: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch (see the module docstring)
 ):
     tile_idx = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -138,9 +150,14 @@ def _paged_attention_kernel(
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_tile = tile_idx - (q_start // BLOCK_Q + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    if USE_PDL:
+        # Everything above is step metadata the host wrote before the step; q and the newest keys
+        # and values are the previous kernel's output, so wait for it here (every program does, so
+        # this kernel's completion still implies the previous one's).
+        gdc_wait()
     if q_tile * BLOCK_Q >= q_len:  # the grid over-counts by up to one tile per sequence
         return
-    seq_len = tl.load(seq_lens_ptr + seq)
     prefix_len = seq_len - q_len  # tokens cached before this step's queries
 
     rows = tl.arange(0, BLOCK_M)
@@ -216,7 +233,11 @@ def _merge_splits_kernel(
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,  # NUM_SPLITS rounded up to a power of two
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # the partials are the attention kernel's output
     token = tl.program_id(0)
     head = tl.program_id(1)
     if token >= tl.load(cu_seqlens_q_ptr + num_seqs):  # padding rows have no partials
@@ -366,6 +387,8 @@ def paged_attention(
         HAS_SEQ_ORDER=seq_order is not None,
         # float32 runs use true fp32 products (not TF32) so that they match the reference closely.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        USE_PDL=on_gpu,
+        **({"launch_pdl": True} if on_gpu else {}),
         **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
     )
     if num_splits > 1:
@@ -381,5 +404,7 @@ def paged_attention(
             BLOCK_D=block_d,
             NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
+            USE_PDL=on_gpu,
+            **({"launch_pdl": True} if on_gpu else {}),
         )
     return out

@@ -9,6 +9,10 @@ over the last dimension, statistics in float32. Rows may be strided in two level
 so the same kernel normalizes hidden states (num_tokens, hidden) and, for Qwen3, every head of a
 (num_tokens, num_heads, head_dim) view into the fused qkv projection without copying it first.
 
+`rms_norm_splitk` takes its input as the float32 partial products of a split-K linear
+(`m4_cudagraph/ops/splitk_linear.py`) and sums them on the way in, in slice order, rounding the sum to
+the model dtype as the linear's output would have been: the reduction costs no kernel of its own.
+
 One program normalizes BLOCK_R rows at once (a (BLOCK_R, BLOCK_N) tile), so short rows such as
 128-wide heads still give each program a few thousand elements.
 """
@@ -18,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from m2_kvcache.layers.layernorm import rms_norm as _m2_rms_norm
 
@@ -32,6 +37,15 @@ def rms_norm_ref(
         return _m2_rms_norm(x, weight, eps)
     residual = x + residual
     return _m2_rms_norm(residual, weight, eps), residual
+
+
+def rms_norm_splitk_ref(
+    partials: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+):
+    """`rms_norm_ref` of the summed partials (num_splits, num_tokens, N), in the model dtype: the
+    residual's dtype, or the weight's without one."""
+    dtype = residual.dtype if residual is not None else weight.dtype
+    return rms_norm_ref(partials.sum(0).to(dtype), weight, eps, residual)
 
 
 @triton.jit(do_not_specialize=["num_rows"])  # one compiled variant for every batch size
@@ -50,16 +64,28 @@ def _rms_norm_kernel(
     BLOCK_N: tl.constexpr,  # N rounded up to a power of two
     BLOCK_R: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,  # > 0: x is (NUM_PARTIALS, num_rows, N) float32 split-K partials
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the producer first
 ):
+    if USE_PDL:
+        gdc_wait()
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < num_rows)[:, None] & (cols < N)[None, :]
     rows = rows.to(tl.int64)
-    x_offsets = (rows // num_heads * stride_t + rows % num_heads * stride_h)[:, None] + cols[None, :]
-    x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
-    dtype = x.dtype
-    x = x.to(tl.float32)
     dense = rows[:, None] * N + cols[None, :]  # offsets in the contiguous outputs
+    if NUM_PARTIALS > 0:
+        dtype = out_ptr.dtype.element_ty
+        plane = num_rows.to(tl.int64) * N  # elements per partial
+        x = tl.load(x_ptr + dense, mask=mask, other=0.0)
+        for s in tl.static_range(1, NUM_PARTIALS):  # fixed order: the same bits every replay
+            x += tl.load(x_ptr + s * plane + dense, mask=mask, other=0.0)
+        x = x.to(dtype)  # the linear's output, rounded as cuBLAS would have written it
+    else:
+        x_offsets = (rows // num_heads * stride_t + rows % num_heads * stride_h)[:, None] + cols[None, :]
+        x = tl.load(x_ptr + x_offsets, mask=mask, other=0.0)
+        dtype = x.dtype
+    x = x.to(tl.float32)
     if HAS_RESIDUAL:
         # Round the sum to the model dtype before normalizing, as the separate torch add would.
         x = (x + tl.load(residual_ptr + dense, mask=mask, other=0.0).to(tl.float32)).to(dtype)
@@ -95,6 +121,35 @@ def rms_norm(
         _rms_norm_kernel[(triton.cdiv(num_rows, block_r),)](
             out, residual_out, x, residual if residual is not None else out, weight,
             num_rows, num_heads, x.stride(0), stride_h, eps,
-            N=n, BLOCK_N=block_n, BLOCK_R=block_r, HAS_RESIDUAL=residual is not None,
+            N=n, BLOCK_N=block_n, BLOCK_R=block_r, HAS_RESIDUAL=residual is not None, NUM_PARTIALS=0,
+            USE_PDL=False,
+        )  # fmt: skip
+    return out if residual is None else (out, residual_out)
+
+
+def rms_norm_splitk(
+    partials: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `rms_norm_splitk_ref`. partials: (num_splits, num_tokens, N) float32,
+    contiguous (`splitk_linear`'s output); residual (num_tokens, N) contiguous in the model dtype.
+    On CUDA it is launched with programmatic dependent launch (see splitk_linear.py): its programs
+    may start while the split-K kernel runs and wait for it before reading anything."""
+    num_splits, num_tokens, n = partials.shape
+    use_pdl = partials.is_cuda
+    assert partials.dtype == torch.float32 and partials.is_contiguous() and weight.shape == (n,)
+    dtype = residual.dtype if residual is not None else weight.dtype
+    out = torch.empty(num_tokens, n, dtype=dtype, device=partials.device)
+    residual_out = out
+    if residual is not None:
+        assert residual.shape == out.shape and residual.is_contiguous(), (residual.shape, out.shape)
+        residual_out = torch.empty_like(out)
+    if num_tokens:
+        block_n = triton.next_power_of_2(n)
+        block_r = min(max(1, TILE_ELEMENTS // block_n), triton.next_power_of_2(num_tokens))
+        _rms_norm_kernel[(triton.cdiv(num_tokens, block_r),)](
+            out, residual_out, partials, residual if residual is not None else out, weight,
+            num_tokens, 1, n, 0, eps,
+            N=n, BLOCK_N=block_n, BLOCK_R=block_r, HAS_RESIDUAL=residual is not None, NUM_PARTIALS=num_splits,
+            USE_PDL=use_pdl, **({"launch_pdl": True} if use_pdl else {}),
         )  # fmt: skip
     return out if residual is None else (out, residual_out)

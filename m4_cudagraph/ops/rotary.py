@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from m2_kvcache.layers.layernorm import rms_norm
 from m2_kvcache.layers.rotary_embedding import apply_rotary
@@ -133,7 +134,10 @@ def _rotary_kernel(
     BLOCK_HK: tl.constexpr,
     HAS_NORM: tl.constexpr,
     WITH_CACHE: tl.constexpr,
+    TRIGGER: tl.constexpr,  # let a PDL-launched successor (attention) start its prologue now
 ):
+    if TRIGGER:
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)[None, :]
@@ -227,5 +231,5 @@ def _launch(positions, q, k, cos_cache, sin_cache, qk_norm, cache) -> None:
         *(k_cache.stride()[:3] if cache else (0, 0, 0)),
         HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        HAS_NORM=qk_norm is not None, WITH_CACHE=cache is not None,
+        HAS_NORM=qk_norm is not None, WITH_CACHE=cache is not None, TRIGGER=q.is_cuda,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from m2_kvcache.layers.activation import SiluAndMul
 
@@ -22,7 +23,9 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(out_ptr, x_ptr, d, stride_x, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+    if TRIGGER:  # a PDL-launched successor (the split-K down projection) may start its weight reads
+        gdc_launch_dependents()
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -39,5 +42,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     num_tokens, d = x.shape[0], x.shape[1] // 2
     out = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
     if num_tokens:
-        _silu_and_mul_kernel[(num_tokens, triton.cdiv(d, BLOCK))](out, x, d, x.stride(0), BLOCK=BLOCK)
+        grid = (num_tokens, triton.cdiv(d, BLOCK))
+        _silu_and_mul_kernel[grid](out, x, d, x.stride(0), BLOCK=BLOCK, TRIGGER=x.is_cuda)
     return out
