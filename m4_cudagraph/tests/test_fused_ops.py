@@ -15,7 +15,13 @@ from m2_kvcache.attention import AttentionMetadata, NoCacheBackend
 from m2_kvcache.layers.layer_set import ModelLayers
 from m2_kvcache.layers.rotary_embedding import compute_inv_freq
 from m2_kvcache.model_loader import load_model
-from m4_cudagraph.fused_layers import FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul, fused_layers
+from m4_cudagraph.fused_layers import (
+    FusedRMSNorm,
+    FusedRotaryEmbedding,
+    FusedSiluAndMul,
+    SplitKRowLinear,
+    fused_layers,
+)
 from m4_cudagraph.ops import (
     rms_norm,
     rms_norm_ref,
@@ -149,18 +155,23 @@ def test_silu_and_mul(device, dtype, num_tokens, d):
     close(silu_and_mul(x), silu_and_mul_ref(x), dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_fused_model_equals_m2_model(toy_model_dir, arch):
-    """The whole decoder built from the fused layers gives m2's logits (same checkpoint, float32)."""
-    mc = ModelConfig(toy_model_dir(arch), device="cpu")
+def test_fused_model_equals_m2_model(toy_model_dir, arch, device):
+    """The whole decoder built from the fused layers gives m2's logits (same checkpoint, float32). On
+    a GPU the 18-token batch also takes the split-K row linears (their partials summed by the norms)."""
+    mc = ModelConfig(toy_model_dir(arch), device=device)
     plain = load_model(mc, attn_backend=NoCacheBackend(), layers=ModelLayers())
     fused = load_model(mc, attn_backend=NoCacheBackend(), layers=fused_layers())
     layer = fused.model.layers[0]
     assert isinstance(layer.input_layernorm, FusedRMSNorm) and isinstance(layer.mlp.act_fn, FusedSiluAndMul)
     assert isinstance(layer.self_attn.rotary_emb, FusedRotaryEmbedding)
+    assert isinstance(layer.self_attn.o_proj, SplitKRowLinear) and isinstance(
+        layer.mlp.down_proj, SplitKRowLinear
+    )
     lens = [5, 1, 12]
-    md = AttentionMetadata.build(lens, lens)
-    input_ids = torch.randint(0, 400, (sum(lens),), generator=torch.Generator().manual_seed(3))
+    md = AttentionMetadata.build(lens, lens, device=device)
+    input_ids = torch.randint(0, 400, (sum(lens),), generator=torch.Generator().manual_seed(3)).to(device)
     with torch.inference_mode():
         expected = plain.compute_logits(plain(input_ids, md.positions, md))
         got = fused.compute_logits(fused(input_ids, md.positions, md))
