@@ -160,7 +160,7 @@ def test_silu_and_mul(device, dtype, num_tokens, d):
 def test_fused_model_equals_m2_model(toy_model_dir, arch, device):
     """The whole decoder built from the fused layers gives m2's logits (same checkpoint, float32). On
     a GPU the 18-token batch also takes the split-K row linears (their partials summed by the norms)."""
-    mc = ModelConfig(toy_model_dir(arch), device=device)
+    mc = ModelConfig(toy_model_dir(arch), device=device, dtype="float32")
     plain = load_model(mc, attn_backend=NoCacheBackend(), layers=ModelLayers())
     fused = load_model(mc, attn_backend=NoCacheBackend(), layers=fused_layers())
     layer = fused.model.layers[0]
