@@ -24,6 +24,7 @@ from m2_kvcache.layers.layer_set import ModelLayers
 from m2_kvcache.layers.layernorm import RMSNorm
 from m2_kvcache.layers.linear import RowLinear
 from m2_kvcache.layers.rotary_embedding import RotaryEmbedding
+from m3_paged.ops.pdl import use_pdl
 from m4_cudagraph.fused_attention import qk_norm_args
 from m4_cudagraph.ops import rms_norm, rms_norm_splitk, rotary_embedding, silu_and_mul, splitk_linear
 from m4_cudagraph.ops.splitk_linear import SPLITK_MAX_TOKENS
@@ -39,11 +40,13 @@ class SplitKPartials:
 
 
 class SplitKRowLinear(RowLinear):
-    """m2's row linear; on CUDA, a bias-free batch of 1..SPLITK_MAX_TOKENS rows (decode steps) comes
-    back as `SplitKPartials` for the next `FusedRMSNorm`, every other batch from cuBLAS as before."""
+    """m2's row linear; on a GPU with programmatic dependent launch (Hopper on), a bias-free batch of
+    1..SPLITK_MAX_TOKENS rows (decode steps) comes back as `SplitKPartials` for the next
+    `FusedRMSNorm`; every other batch, and every batch elsewhere, from cuBLAS as before (without PDL
+    the split-K pair measured slower in place than cuBLAS, docs/benchmarks.md)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
-        if x.is_cuda and self.bias is None and 0 < x.shape[0] <= SPLITK_MAX_TOKENS:
+        if use_pdl(x.device) and self.bias is None and 0 < x.shape[0] <= SPLITK_MAX_TOKENS:
             return SplitKPartials(splitk_linear(x, self.weight))
         return super().forward(x)
 

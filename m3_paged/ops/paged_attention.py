@@ -29,7 +29,7 @@ How the work is cut (one program = one query tile x one kv head x one KV split):
   `_merge_splits_kernel` then combines: out = sum_s w_s o_s with w_s = 2^(lse_s - lse_max) / sum(...).
   The kernel is general (any batch can be split); the wrapper turns it on automatically only for
   decode-only batches with long contexts (`choose_num_splits`), and `num_splits` forces it.
-* Programmatic dependent launch (PDL, CUDA only). Both kernels are launched with `launch_pdl=True`:
+* Programmatic dependent launch (PDL, Hopper GPUs: `pdl.py::use_pdl`). Both kernels are launched with `launch_pdl=True`:
   a program may start before the previous kernel has finished, as soon as every program of that
   kernel has called `gdc_launch_dependents` (m4's RoPE + cache-write kernel does so first thing).
   The attention kernel reads the step's metadata (launch order, query ranges, sequence lengths: all
@@ -58,6 +58,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .paged_attention_ref import paged_attention_ref
+from .pdl import use_pdl
 
 __all__ = ["choose_num_splits", "paged_attention", "paged_attention_ref"]
 
@@ -326,6 +327,7 @@ def paged_attention(
             num_seqs, num_kv_heads, max_seqlen_k or 0, decode_only, _num_sms(q.device)
         )
     on_gpu = q.device.type == "cuda"
+    pdl = use_pdl(q.device)
     # Prefill tiles amortise each K/V load over many queries; decode tiles only need the group.
     block_m = block_m or max(16, triton.next_power_of_2(group), 64 if on_gpu and not decode_only else 16)
     # Decode streams K/V with almost no compute: bigger key tiles keep more loads in flight (measured
@@ -387,8 +389,8 @@ def paged_attention(
         HAS_SEQ_ORDER=seq_order is not None,
         # float32 runs use true fp32 products (not TF32) so that they match the reference closely.
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        USE_PDL=on_gpu,
-        **({"launch_pdl": True} if on_gpu else {}),
+        USE_PDL=pdl,
+        **({"launch_pdl": True} if pdl else {}),
         **{k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None},
     )
     if num_splits > 1:
@@ -404,7 +406,7 @@ def paged_attention(
             BLOCK_D=block_d,
             NUM_SPLITS=num_splits,
             BLOCK_S=triton.next_power_of_2(num_splits),
-            USE_PDL=on_gpu,
-            **({"launch_pdl": True} if on_gpu else {}),
+            USE_PDL=pdl,
+            **({"launch_pdl": True} if pdl else {}),
         )
     return out

@@ -415,3 +415,16 @@ def test_paged_attention_gpu_long_decode_split_k(dtype, group):
     unsplit = check_attention(batch, dtype, num_splits=1)
     assert_close(split, unsplit, dtype)
     check_attention(batch, dtype, max_seqlen_k=16_000)  # no host sync for the choice
+
+
+def test_pdl_only_on_hopper_and_later(monkeypatch):
+    """PDL's griddepcontrol instructions need compute capability 9.0: older GPUs and the CPU launch
+    plainly (`m3_paged/ops/pdl.py::use_pdl`)."""
+    from m3_paged.ops.pdl import _has_pdl, use_pdl
+
+    assert not use_pdl(torch.device("cpu"))
+    for capability, expected in [((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        _has_pdl.cache_clear()
+        assert use_pdl(torch.device("cuda", 0)) is expected
+    _has_pdl.cache_clear()  # forget the fake answers

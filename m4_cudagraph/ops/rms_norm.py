@@ -25,6 +25,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from m2_kvcache.layers.layernorm import rms_norm as _m2_rms_norm
+from m3_paged.ops.pdl import use_pdl as pdl_on
 
 TILE_ELEMENTS = 4096  # elements one program normalizes at once (rows x padded row width)
 
@@ -132,10 +133,10 @@ def rms_norm_splitk(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Triton version of `rms_norm_splitk_ref`. partials: (num_splits, num_tokens, N) float32,
     contiguous (`splitk_linear`'s output); residual (num_tokens, N) contiguous in the model dtype.
-    On CUDA it is launched with programmatic dependent launch (see splitk_linear.py): its programs
+    On Hopper GPUs it is launched with programmatic dependent launch (see splitk_linear.py): its programs
     may start while the split-K kernel runs and wait for it before reading anything."""
     num_splits, num_tokens, n = partials.shape
-    use_pdl = partials.is_cuda
+    use_pdl = pdl_on(partials.device)
     assert partials.dtype == torch.float32 and partials.is_contiguous() and weight.shape == (n,)
     dtype = residual.dtype if residual is not None else weight.dtype
     out = torch.empty(num_tokens, n, dtype=dtype, device=partials.device)

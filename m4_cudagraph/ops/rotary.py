@@ -34,6 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from m2_kvcache.layers.layernorm import rms_norm
 from m2_kvcache.layers.rotary_embedding import apply_rotary
 from m3_paged.ops import store_kvcache_ref
+from m3_paged.ops.pdl import use_pdl
 
 
 def rotary_embedding_ref(
@@ -231,5 +232,5 @@ def _launch(positions, q, k, cos_cache, sin_cache, qk_norm, cache) -> None:
         *(k_cache.stride()[:3] if cache else (0, 0, 0)),
         HALF=head_dim // 2, BLOCK_D=triton.next_power_of_2(head_dim // 2),
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(k.shape[1]),
-        HAS_NORM=qk_norm is not None, WITH_CACHE=cache is not None, TRIGGER=q.is_cuda,
+        HAS_NORM=qk_norm is not None, WITH_CACHE=cache is not None, TRIGGER=use_pdl(q.device),
     )  # fmt: skip

@@ -14,6 +14,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
 from m2_kvcache.layers.activation import SiluAndMul
+from m3_paged.ops.pdl import use_pdl
 
 BLOCK = 1024  # output columns per program
 
@@ -43,5 +44,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(num_tokens, d, dtype=x.dtype, device=x.device)
     if num_tokens:
         grid = (num_tokens, triton.cdiv(d, BLOCK))
-        _silu_and_mul_kernel[grid](out, x, d, x.stride(0), BLOCK=BLOCK, TRIGGER=x.is_cuda)
+        _silu_and_mul_kernel[grid](out, x, d, x.stride(0), BLOCK=BLOCK, TRIGGER=use_pdl(x.device))
     return out

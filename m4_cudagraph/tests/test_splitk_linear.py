@@ -13,6 +13,7 @@ import torch
 from m2_kvcache.layers.layer_set import ModelLayers
 from m2_kvcache.layers.layernorm import RMSNorm
 from m2_kvcache.layers.linear import RowLinear
+from m3_paged.ops.pdl import use_pdl
 from m4_cudagraph.fused_layers import FusedRMSNorm, SplitKPartials, SplitKRowLinear, fused_layers
 from m4_cudagraph.ops import rms_norm_splitk, rms_norm_splitk_ref, splitk_linear, splitk_linear_ref
 from m4_cudagraph.ops.splitk_linear import MAX_BLOCK_K, SPLITK_MAX_TOKENS
@@ -134,7 +135,8 @@ def test_row_linear_then_norm_equals_dense_on_gpu(num_tokens):
     x = torch.randn(num_tokens, 2048, device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(num_tokens, 1024, device="cuda", dtype=torch.bfloat16)
     y = split(x)
-    assert isinstance(y, SplitKPartials) == (num_tokens <= SPLITK_MAX_TOKENS)
+    # split-K only where programmatic dependent launch exists (Hopper on); cuBLAS elsewhere
+    assert isinstance(y, SplitKPartials) == (num_tokens <= SPLITK_MAX_TOKENS and use_pdl(x.device))
     got_out, got_res = fused_norm(y, residual)
     exp_out, exp_res = norm(dense(x), residual)
     torch.testing.assert_close(got_out.float(), exp_out.float(), atol=3e-2, rtol=2e-2)
