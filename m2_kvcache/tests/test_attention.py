@@ -70,7 +70,7 @@ def test_contiguous_backend_matches_reference(kind, head_dim, heads, dtype):
     torch.testing.assert_close(fast.k_cache[untouched], cache[0][untouched], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 1)])
 def test_no_cache_backend_matches_reference(heads):
     num_heads, num_kv_heads = heads
     query_lens, seq_lens, _ = random_batch(3, "prefill")
@@ -85,6 +85,28 @@ def test_no_cache_backend_matches_reference(heads):
     decode = AttentionMetadata.build([1], [5])
     with pytest.raises(ValueError, match="whole sequences only"):
         no_cache(q[:1], k[:1], v[:1], decode)
+
+
+@pytest.mark.gpu
+def test_no_cache_prefill_memory_is_linear_in_length():
+    """m3's sizing pass runs one max_num_batched_tokens-long sequence through this path. A kernel that
+    builds the (heads, len, len) score matrix would need 16 GiB here (float32), and 64 GiB at 32,768
+    tokens: an out-of-memory error at start-up, or a KV cache 16 GiB smaller than it could be."""
+    n, num_heads, num_kv_heads, head_dim = 16384, 16, 8, 128  # Qwen3-0.6B's heads
+    md = AttentionMetadata.build([n], [n], device=torch.device("cuda"))
+    q = torch.randn(n, num_heads, head_dim, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(n, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    layer = make_layer(NoCacheBackend(), num_heads, num_kv_heads, head_dim, torch.bfloat16, None)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = layer(q, k, v, md)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra < 2**30, f"{extra / 2**30:.1f} GiB for a {n}-token prefill"  # q, expanded k/v, out: ~0.3 GiB
+    # and it is still causal attention: the first query sees only the first key
+    v0 = v[0].repeat_interleave(num_heads // num_kv_heads, dim=0).reshape(-1)
+    torch.testing.assert_close(out[0], v0, atol=0, rtol=0)
 
 
 def test_contiguous_backend_needs_an_allocated_cache():
