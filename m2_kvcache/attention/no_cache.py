@@ -15,10 +15,10 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, md: Att
     q: (num_tokens, num_heads, head_dim); k, v: (num_tokens, num_kv_heads, head_dim) -> like q."""
     out = torch.empty_like(q)
     # Memory linear in len: PyTorch's fused CUDA kernels (flash, memory-efficient) want 4-D (batch,
-    # heads, len, head_dim) inputs. Given 3-D views, as this function passed until session 9, SDPA
-    # took its math kernel, which builds the (heads, len, len) float32 scores: 16 GiB for one
-    # 16,384-token sequence of Qwen3-0.6B, the very pass m3's sizing runs. The kv heads are repeated
-    # (memory linear in len) so that no kernel needs GQA support either.
+    # heads, len, head_dim) inputs. Given 3-D views, SDPA takes its math kernel, which builds the
+    # (heads, len, len) float32 scores: 16 GiB for one 16,384-token sequence of Qwen3-0.6B, the very
+    # pass m3's sizing runs. The kv heads are repeated (memory linear in len) so that no kernel needs
+    # GQA support either.
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # one kv head per q head
     cu = md.cu_seqlens_q.tolist()
