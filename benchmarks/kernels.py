@@ -13,7 +13,11 @@ ceilings of the GPU it runs on.
 
 Times are medians of CUDA-graph replays (`triton.testing.do_bench_cudagraph`), so the Python cost of
 launching (which dominates a single small decode call) is not counted: inside the engine these
-kernels run in a captured graph too. Prints one JSON line per row.
+kernels run in a captured graph too. The replays do not flush the L2 cache, and a small decode
+batch's K/V fits in it (1 x 4,096 tokens is 16 MB; an H100's L2 is 50 MB), whereas in the engine a
+step reads every layer's cache from device memory. So decode rows rotate over enough copies of the
+cache (each with its own random block order) to pass `ROTATE_BYTES`: consecutive calls in the graph
+never find their K/V in L2. Prints one JSON line per row.
 
     python -m benchmarks.kernels
 """
@@ -31,6 +35,7 @@ from m3_paged.ops import paged_attention
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128
 DTYPE = torch.bfloat16
+ROTATE_BYTES = 512 * 2**20  # decode rows cycle through this much K/V: ten times an H100's L2
 
 
 def emit(row: dict) -> dict:
@@ -82,33 +87,29 @@ def bench_decode(
     """One decode row per sequence over seq_lens[i] cached tokens; every (splits, tile_n, (num_warps,
     num_stages)) combination."""
     bs, ctx = len(seq_lens), max(seq_lens)
-    q, k_cache, v_cache, cu, seq_lens_t, tables = paged_batch([1] * bs, seq_lens, block_size)
-    kv_bytes = 2 * sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * k_cache.element_size()
-    out = torch.empty_like(q)
+    kv_bytes = 2 * sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
+    copies = max(1, -(-ROTATE_BYTES // kv_bytes))  # so that no call finds its K/V in L2
+    batches = [paged_batch([1] * bs, seq_lens, block_size, seed=i) for i in range(copies)]
+    out = torch.empty_like(batches[0][0])
     ragged = len(set(seq_lens)) > 1
     for num_splits, tile_n, (warps, stages) in itertools.product(splits, tile_ns, launch):
         options = dict(num_splits=num_splits, tile_n=tile_n, num_warps=warps, num_stages=stages)
-        ms = triton.testing.do_bench_cudagraph(
-            lambda options=options: paged_attention(
-                q,
-                k_cache,
-                v_cache,
-                cu,
-                seq_lens_t,
-                tables,
-                HEAD_DIM**-0.5,
-                out=out,
-                max_seqlen_k=ctx,
-                **options,
-            ),
-            return_mode="median",
-        )
+        calls = itertools.cycle(batches)  # each call in the captured graph takes the next copy
+
+        def attend(options=options, calls=calls):
+            q, k_cache, v_cache, cu, seq_lens_t, tables = next(calls)
+            paged_attention(
+                q, k_cache, v_cache, cu, seq_lens_t, tables, HEAD_DIM**-0.5,
+                out=out, max_seqlen_k=ctx, **options,
+            )  # fmt: skip
+
+        ms = triton.testing.do_bench_cudagraph(attend, return_mode="median")
         gbs = kv_bytes / ms / 1e6
         emit({
             "kernel": "decode", "batch": bs,
             "context": f"{min(seq_lens)}-{ctx} (mean {sum(seq_lens) // bs})" if ragged else ctx,
             "block_size": block_size, "num_splits": num_splits or "auto", "tile_n": tile_n or "auto",
-            "num_warps": warps or "default", "num_stages": stages or "default",
+            "num_warps": warps or "default", "num_stages": stages or "default", "cache_copies": copies,
             "us": round(ms * 1e3, 1), "GBps": round(gbs), "of_copy": round(gbs / copy_gbs, 3),
         })  # fmt: skip
 
