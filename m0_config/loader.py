@@ -50,15 +50,18 @@ def check_vocab(tokenizer, hf_config) -> None:
 
 def get_eos_token_ids(tokenizer, model_dir: str) -> list[int]:
     """Every id that ends generation: the tokenizer's EOS and generation_config.json's eos_token_id
-    (an int or a list; Llama 3 instruct lists several)."""
+    (an int or a list; Llama 3 instruct lists several). A checkpoint without generation_config.json
+    takes it from config.json, as HF transformers and vLLM do (`GenerationConfig.from_model_config`)."""
     ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    gen_file = os.path.join(model_dir, "generation_config.json")
-    if os.path.isfile(gen_file):
-        with open(gen_file) as f:
-            eos = json.load(f).get("eos_token_id")
-        for t in eos if isinstance(eos, list) else [eos]:
-            if t is not None and t not in ids:
-                ids.append(int(t))
+    for name in ("generation_config.json", "config.json"):  # the first file that exists decides
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            for t in eos if isinstance(eos, list) else [eos]:
+                if t is not None and t not in ids:
+                    ids.append(int(t))
+            break
     return ids
 
 

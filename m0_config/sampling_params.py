@@ -7,6 +7,8 @@ a request with bad parameters never reaches the engine.
 from __future__ import annotations
 
 import enum
+import math
+import numbers
 from dataclasses import dataclass, field
 
 # Temperatures below this count as greedy (vLLM's _SAMPLING_EPS): dividing logits by 1e-7 only
@@ -23,6 +25,27 @@ class SamplingType(enum.IntEnum):
 def _check(cond: bool, field_name: str, allowed: str, value: object) -> None:
     if not cond:
         raise ValueError(f"{field_name} must be {allowed}, got {value!r}")
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool: Python counts True as 1, but max_tokens=True is a mistake."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: object) -> bool:
+    """A real number (Python's or numpy's), not a bool, not NaN or +-inf."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# The float fields: each must be a finite number before its range can be compared.
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 @dataclass
@@ -64,26 +87,31 @@ class SamplingParams:
         ids = self.stop_token_ids
         _check(ids is None or isinstance(ids, (list, tuple)), "stop_token_ids", "a list of ints or None", ids)
         self.stop_token_ids = list(ids or [])
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            _check(_is_finite_number(value), name, "a finite number", value)
+        self._verify_truncation()  # before _verify_counts, which reads the temperature
         self._verify_counts()
         self._verify_penalties()
-        self._verify_truncation()
         self._verify_lengths()
         self._verify_stops()
         self.sampling_type = self._sampling_type()
 
     def _verify_counts(self) -> None:
-        _check(isinstance(self.n, int) and self.n >= 1, "n", "an int >= 1", self.n)
+        _check(_is_int(self.n) and self.n >= 1, "n", "an int >= 1", self.n)
         _check(
-            isinstance(self.best_of, int) and self.best_of >= self.n,
+            _is_int(self.best_of) and self.best_of >= self.n,
             "best_of",
             f"an int >= n ({self.n})",
             self.best_of,
         )
         if self.temperature < SAMPLING_EPS:
             # Greedy decoding is deterministic: extra candidates would all be the same sequence.
+            # n first: best_of defaults to n, and the message should name the field the user set.
+            _check(self.n == 1, "n", "1 when temperature=0 (greedy)", self.n)
             _check(self.best_of == 1, "best_of", "1 when temperature=0 (greedy)", self.best_of)
         _check(
-            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64),
+            self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64),
             "seed",
             "an int in [-2**63, 2**64) or None",
             self.seed,
@@ -100,7 +128,7 @@ class SamplingParams:
         _check(self.temperature >= 0.0, "temperature", ">= 0 (0 means greedy)", self.temperature)
         _check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
         _check(
-            isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1),
+            _is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1),
             "top_k",
             "-1 or 0 (disabled) or an int >= 1",
             self.top_k,
@@ -109,9 +137,9 @@ class SamplingParams:
 
     def _verify_lengths(self) -> None:
         mt = self.max_tokens
-        _check(mt is None or (isinstance(mt, int) and mt >= 1), "max_tokens", "an int >= 1 or None", mt)
+        _check(mt is None or (_is_int(mt) and mt >= 1), "max_tokens", "an int >= 1 or None", mt)
         _check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            _is_int(self.min_tokens) and self.min_tokens >= 0,
             "min_tokens",
             "an int >= 0",
             self.min_tokens,
@@ -120,17 +148,13 @@ class SamplingParams:
             _check(self.min_tokens <= mt, "min_tokens", f"<= max_tokens ({mt})", self.min_tokens)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            _check(
-                value is None or (isinstance(value, int) and value >= 0), name, "an int >= 0 or None", value
-            )
+            _check(value is None or (_is_int(value) and value >= 0), name, "an int >= 0 or None", value)
 
     def _verify_stops(self) -> None:
         for s in self.stop:
             _check(isinstance(s, str) and len(s) > 0, "stop", "a list of non-empty strings", self.stop)
         for t in self.stop_token_ids:
-            _check(
-                isinstance(t, int) and t >= 0, "stop_token_ids", "a list of ints >= 0", self.stop_token_ids
-            )
+            _check(_is_int(t) and t >= 0, "stop_token_ids", "a list of ints >= 0", self.stop_token_ids)
 
     def _sampling_type(self) -> SamplingType:
         if self.temperature < SAMPLING_EPS:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from m0_config.sampling_params import SamplingParams
 
 PromptType = str | list[int] | dict
+DICT_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids"})  # vLLM's TokensPrompt keys this engine uses
 
 
 @dataclass
@@ -47,6 +48,12 @@ def parse_prompt(
         if "prompt_token_ids" not in prompt:
             raise ValueError(
                 f"prompt {index}: a dict prompt needs 'prompt_token_ids', got keys {sorted(prompt)}"
+            )
+        unknown = sorted(set(prompt) - DICT_PROMPT_KEYS)
+        if unknown:  # e.g. vLLM's multi_modal_data: refused, not silently dropped
+            raise ValueError(
+                f"prompt {index}: unsupported key(s) {unknown}; a dict prompt may have only "
+                f"{sorted(DICT_PROMPT_KEYS)}"
             )
         text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
     elif isinstance(prompt, list):

@@ -68,6 +68,11 @@ class LLM:
         """Refuse what could never run, before anything is queued (later milestones add checks)."""
         if sp.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs is not supported by this engine; leave it as None")
+        vocab_size = self.llm_engine.config.model_config.vocab_size
+        if sp.logprobs is not None and sp.logprobs > vocab_size:  # would be cut to vocab_size entries
+            raise ValueError(
+                f"prompt {index}: logprobs must be <= the vocabulary size ({vocab_size}), got {sp.logprobs}"
+            )
         max_num_seqs = self.llm_engine.config.scheduler_config.max_num_seqs
         if sp.best_of > max_num_seqs:
             raise ValueError(

@@ -52,31 +52,28 @@ class StopChecker:
     def maybe_stop_sequence(self, seq: Sequence, new_char_count: int, params: SamplingParams) -> None:
         """`new_char_count`: characters the detokenizer appended for the last token (one token per call).
 
-        The model-length cap comes first: min_tokens may hold back EOS and stops, never the cache
-        limit (a sequence past max_model_len would outgrow its KV blocks and CUDA-graph tables)."""
-        if seq.get_len() >= self.max_model_len:
-            seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
-            return
+        Stops come before the length caps, so a stop on the last token that fits is still a stop
+        (its text cut). min_tokens may hold back EOS and stops, never the model-length cap (a
+        sequence past max_model_len would outgrow its KV blocks and CUDA-graph tables)."""
         output_len = seq.get_output_len()
-        if output_len < params.min_tokens:
-            return
-        last_token_id = seq.get_last_token_id()
-        if not params.ignore_eos and last_token_id in self.eos_token_ids:
-            self._stop_on_token(seq, new_char_count, params, stop_reason=None)
-            return
-        if last_token_id in params.stop_token_ids:
-            self._stop_on_token(seq, new_char_count, params, stop_reason=last_token_id)
-            return
-        if params.stop and new_char_count:  # (this runs for every sequence every step)
-            stop = check_stop_strings(
-                seq.output_text, new_char_count, params.stop, params.include_stop_str_in_output
-            )
-            if stop is not None:
-                seq.stop_reason, truncate_to = stop
-                seq.output_text = seq.output_text[:truncate_to]
-                seq.status = SequenceStatus.FINISHED_STOPPED
+        if output_len >= params.min_tokens:
+            last_token_id = seq.get_last_token_id()
+            if not params.ignore_eos and last_token_id in self.eos_token_ids:
+                self._stop_on_token(seq, new_char_count, params, stop_reason=None)
                 return
-        if output_len == params.max_tokens:
+            if last_token_id in params.stop_token_ids:
+                self._stop_on_token(seq, new_char_count, params, stop_reason=last_token_id)
+                return
+            if params.stop and new_char_count:  # (this runs for every sequence every step)
+                stop = check_stop_strings(
+                    seq.output_text, new_char_count, params.stop, params.include_stop_str_in_output
+                )
+                if stop is not None:
+                    seq.stop_reason, truncate_to = stop
+                    seq.output_text = seq.output_text[:truncate_to]
+                    seq.status = SequenceStatus.FINISHED_STOPPED
+                    return
+        if seq.get_len() >= self.max_model_len or output_len == params.max_tokens:
             seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
 
     @staticmethod

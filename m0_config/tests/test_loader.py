@@ -164,6 +164,21 @@ def test_get_eos_token_ids_edge_cases(tmp_path):
     assert get_eos_token_ids(SimpleNamespace(eos_token_id=5), str(tmp_path)) == [5, 6, 7]
 
 
+def test_without_generation_config_the_eos_of_config_json_counts(tmp_path):
+    """No generation_config.json: HF transformers (GenerationConfig.from_model_config) and vLLM take
+    the generation defaults from config.json, so its eos_token_id ends generation too."""
+    from transformers import AutoConfig, GenerationConfig
+
+    tok = SimpleNamespace(eos_token_id=5)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3", "eos_token_id": [7, 8]}))
+    assert get_eos_token_ids(tok, str(tmp_path)) == [5, 7, 8]
+    hf = GenerationConfig.from_model_config(AutoConfig.from_pretrained(tmp_path)).eos_token_id
+    assert set(hf) <= set(get_eos_token_ids(tok, str(tmp_path)))
+    # With a generation_config.json, that file alone decides (as in HF): config.json is not read.
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 9}))
+    assert get_eos_token_ids(tok, str(tmp_path)) == [5, 9]
+
+
 def test_check_vocab(qwen3_dir):
     tok = load_tokenizer(qwen3_dir)
     cfg = load_hf_config(qwen3_dir)

@@ -64,8 +64,9 @@ INVALID = [
     ({"n": 1.5}, "n", "an int >= 1"),
     ({"n": 3, "best_of": 2}, "best_of", "an int >= n (3)"),
     ({"best_of": 2.0}, "best_of", "an int >= n (1)"),
-    ({"n": 2, "temperature": 0.0}, "best_of", "1 when temperature=0 (greedy)"),
+    ({"n": 2, "temperature": 0.0}, "n", "1 when temperature=0 (greedy)"),  # the field the user set
     ({"best_of": 4, "temperature": 0.0}, "best_of", "1 when temperature=0 (greedy)"),
+    ({"n": 2, "temperature": -0.5}, "temperature", ">= 0 (0 means greedy)"),  # not a greedy n/best_of
     ({"seed": "1"}, "seed", "an int in [-2**63, 2**64) or None"),
     ({"seed": 2**64}, "seed", "an int in [-2**63, 2**64) or None"),
     ({"seed": 1.0}, "seed", "an int in [-2**63, 2**64) or None"),
@@ -92,6 +93,20 @@ INVALID = [
     ({"stop": ["ok", 3]}, "stop", "a list of non-empty strings"),
     ({"stop_token_ids": [-1]}, "stop_token_ids", "a list of ints >= 0"),
     ({"stop_token_ids": ["a"]}, "stop_token_ids", "a list of ints >= 0"),
+    # Wrong types are ValueErrors naming the field too, never a TypeError from a comparison.
+    ({"temperature": "0.5"}, "temperature", "a finite number"),
+    ({"temperature": float("nan")}, "temperature", "a finite number"),
+    ({"top_p": None}, "top_p", "a finite number"),
+    ({"min_p": None}, "min_p", "a finite number"),
+    ({"presence_penalty": "1"}, "presence_penalty", "a finite number"),
+    ({"frequency_penalty": None}, "frequency_penalty", "a finite number"),
+    # inf would turn a seen token's logit of exactly 0 into 0 * inf = NaN, which argmax picks.
+    ({"repetition_penalty": float("inf")}, "repetition_penalty", "a finite number"),
+    # A bool is an int to Python, but max_tokens=True is a mistake, not "1 token".
+    ({"max_tokens": True}, "max_tokens", "an int >= 1 or None"),
+    ({"logprobs": True}, "logprobs", "an int >= 0 or None"),
+    ({"n": True}, "n", "an int >= 1"),
+    ({"top_k": False}, "top_k", "-1 or 0 (disabled) or an int >= 1"),
 ]
 
 

@@ -23,6 +23,8 @@ def llm(qwen3_dir):
         ([[1, -1]], "outside the vocabulary"),
         ([list(range(1, 65))], "max_model_len is 64"),
         ([{"prompt": "x"}], "prompt_token_ids"),
+        # A key this engine does not understand is refused, not silently dropped.
+        ([{"prompt_token_ids": [1, 2], "multi_modal_data": {"image": 0}}], "multi_modal_data"),
         (42, "prompts must be"),
     ],
 )
@@ -66,6 +68,16 @@ def test_unknown_and_unsupported_arguments(qwen3_dir):
 def test_prompt_logprobs_rejected(llm):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         llm.generate("Hello", SamplingParams(prompt_logprobs=1), use_tqdm=False)
+
+
+def test_logprobs_beyond_the_vocabulary_rejected(llm):
+    """More logprobs than the vocabulary has would be silently cut to vocab_size entries."""
+    vocab_size = llm.llm_engine.config.model_config.vocab_size
+    with pytest.raises(ValueError, match=f"logprobs must be <= the vocabulary size \\({vocab_size}\\)"):
+        llm.generate("Hello", SamplingParams(logprobs=vocab_size + 1, max_tokens=1), use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    out = llm.generate("Hello", SamplingParams(logprobs=vocab_size, max_tokens=1), use_tqdm=False)
+    assert len(out[0].outputs[0].logprobs[0]) == vocab_size
 
 
 def test_failed_call_leaves_nothing_queued(llm):

@@ -127,10 +127,17 @@ def test_stop_string_and_stop_token_end_to_end(qwen3_llm):
 
 
 def test_min_tokens_and_max_tokens(qwen3_llm):
-    out = qwen3_llm.generate(
-        "Hello", SamplingParams(temperature=0, max_tokens=7, min_tokens=7), use_tqdm=False
-    )[0].outputs[0]
+    """min_tokens holds back a stop that would otherwise end the request at once: the stop id is
+    masked in the sampler (greedy takes the runner-up) until min_tokens outputs exist. (The toy model
+    never emits EOS for this prompt, so the stop must be a stop id that greedy really picks.)"""
+    first = qwen3_llm.generate("Hello", SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
+    stop_id = first.outputs[0].token_ids[0]
+    early = SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[stop_id])
+    assert qwen3_llm.generate("Hello", early, use_tqdm=False)[0].outputs[0].token_ids == [stop_id]
+    held = SamplingParams(temperature=0, max_tokens=7, min_tokens=7, stop_token_ids=[stop_id])
+    out = qwen3_llm.generate("Hello", held, use_tqdm=False)[0].outputs[0]
     assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    assert stop_id not in out.token_ids
 
 
 def test_chat_uses_template(qwen3_llm):

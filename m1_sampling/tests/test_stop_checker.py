@@ -223,6 +223,25 @@ def test_max_model_len_is_a_length_finish(tokenizer, detok):
     assert (seq.get_len(), seq.get_output_len(), finish_reason(seq)) == (max_model_len, 3, "length")
 
 
+@pytest.mark.parametrize("kind", ["eos", "stop_token", "stop_string"])
+def test_a_stop_on_the_last_token_that_fits_is_still_a_stop(tokenizer, detok, eos_ids, kind):
+    """The token that reaches max_model_len may also be a stop: it is reported as one ("stop", its
+    stop_reason) and its text is cut, exactly as one token earlier (vLLM checks stops first)."""
+    prompt_ids = tokenizer.encode(PROMPT)
+    hello, world = tokenizer.encode(" hello world")
+    last = eos_ids[1] if kind == "eos" else world
+    params = SamplingParams(
+        max_tokens=None,
+        skip_special_tokens=False,  # so that EOS has text that must be cut
+        stop_token_ids=[world] if kind == "stop_token" else None,
+        stop=[" world"] if kind == "stop_string" else None,
+    )
+    seq = generate(tokenizer, detok, [hello, last, hello], params, eos_ids, len(prompt_ids) + 2, prompt_ids)
+    assert seq.get_len() == len(prompt_ids) + 2  # the cap is reached on the stopping token
+    reason = {"eos": None, "stop_token": world, "stop_string": " world"}[kind]
+    assert (finish_reason(seq), seq.stop_reason, seq.output_text) == ("stop", reason, " hello")
+
+
 def test_running_sequence_is_left_alone(tokenizer, detok, eos_ids):
     ids = tokenizer.encode("hello world")
     seq = generate(tokenizer, detok, ids, SamplingParams(stop=["xyz"], max_tokens=len(ids) + 1), eos_ids)
