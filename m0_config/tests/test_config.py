@@ -72,6 +72,12 @@ def test_max_num_batched_tokens_derivation(qwen3_dir, kwargs, expected):
     assert cfg.scheduler_config.max_num_batched_tokens == expected
 
 
+def test_engine_keywords_are_validated_by_their_config(qwen3_dir):
+    """What LLM(...) of m3 and later builds: a bad value reaches its config part's check."""
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
+        EngineConfig.from_llm_kwargs(qwen3_dir, device="cpu", gpu_memory_utilization="0.5")
+
+
 def test_distributed_backend_is_gloo_on_cpu(qwen3_dir):
     cfg = EngineConfig.from_llm_kwargs(qwen3_dir, device="cpu")
     assert cfg.parallel_config.distributed_backend == "gloo"
@@ -319,6 +325,7 @@ def test_kv_cache_bytes_per_token(model_config):
         ({"block_size": 16.0}, "block_size must be a power of two"),
         ({"gpu_memory_utilization": 0.0}, r"gpu_memory_utilization must be in \(0, 1\]"),
         ({"gpu_memory_utilization": 1.01}, r"gpu_memory_utilization must be in \(0, 1\]"),
+        ({"gpu_memory_utilization": "0.5"}, r"gpu_memory_utilization must be in \(0, 1\]"),
         ({"num_gpu_blocks_override": 0}, "num_gpu_blocks_override must be a positive int or None"),
         ({"num_gpu_blocks_override": 2.5}, "num_gpu_blocks_override must be a positive int or None"),
         ({"kv_cache_memory_bytes": -1}, "kv_cache_memory_bytes must be a positive int or None"),

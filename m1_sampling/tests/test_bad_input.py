@@ -127,13 +127,6 @@ def test_wrong_types_are_value_errors(llm, call, match):
         call(llm)
 
 
-def test_wrong_type_engine_argument(qwen3_dir):
-    import m3_paged
-
-    with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
-        m3_paged.LLM(qwen3_dir, gpu_memory_utilization="0.5")
-
-
 @pytest.mark.parametrize(
     "x",
     [[], [1, 2, 3], [1, True], [True], [1, 2.0], [1, "2"], [1, None], (1, 2), [[1]], [1, 2**70]],
