@@ -14,9 +14,12 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from m0_config.config import EngineConfig
+from m0_config.logger import init_logger
 from m0_config.sequence import Request, Sequence, SequenceStatus
 from m1_sampling.scheduler import Scheduler as StaticScheduler
 from m1_sampling.scheduler import SchedulerOutput as BaseSchedulerOutput
+
+logger = init_logger(__name__)
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Scheduler(StaticScheduler):
         num_tokens = 0
         while self.waiting:
             req = self.waiting[0]
-            if req.num_seqs() > self.max_num_seqs:  # can never fit, even in an empty cache
+            if self._can_never_run(req):
                 self.waiting.popleft()
                 self._finish_request(req, SequenceStatus.FINISHED_IGNORED)
                 continue
@@ -60,6 +63,19 @@ class Scheduler(StaticScheduler):
                 self._add(out, seq, seq.get_len(), req)
             num_tokens += prompt_tokens
         return out
+
+    def _can_never_run(self, req: Request) -> bool:
+        """More sequences than slots, or a prompt that leaves a slot no room for one output token.
+        LLM.generate refuses both up front; a request added to the engine directly is finished
+        ("length", no tokens) rather than blocking the queue or writing past its slot."""
+        if req.num_seqs() <= self.max_num_seqs and len(req.prompt_token_ids) < self.max_model_len:
+            return False
+        logger.warning(
+            "request %s has %d sequences and a %d-token prompt; %d slots of max_model_len=%d can never "
+            "run it: finished as 'length'",
+            req.request_id, req.num_seqs(), len(req.prompt_token_ids), self.max_num_seqs, self.max_model_len,
+        )  # fmt: skip
+        return True
 
     def _schedule_decodes(self) -> SchedulerOutput:
         out = SchedulerOutput(is_prefill=False)

@@ -70,15 +70,22 @@ def rewrite_weights(src: str, dst: str, edit: Callable[[dict], dict]) -> str:
 
 @pytest.fixture(scope="session")
 def derived_checkpoint(toy_model_dir, tmp_path_factory):
-    """A function: derived_checkpoint(arch, seed=0, max_shard_size=None, **config_updates) -> folder."""
+    """A function: derived_checkpoint(arch, seed=0, max_shard_size=None, toy=None, **config_updates)
+    -> folder. `toy` are overrides of the toy checkpoint itself (shape changes such as head_dim)."""
     made: dict[str, str] = {}
 
-    def make(arch: str = "qwen3", seed: int = 0, max_shard_size: str | None = None, **config_updates) -> str:
-        key = json.dumps([arch, seed, max_shard_size, config_updates], sort_keys=True)
+    def make(
+        arch: str = "qwen3",
+        seed: int = 0,
+        max_shard_size: str | None = None,
+        toy: dict | None = None,
+        **config_updates,
+    ) -> str:
+        key = json.dumps([arch, seed, max_shard_size, toy, config_updates], sort_keys=True)
         if key not in made:
             dst = str(tmp_path_factory.mktemp(f"derived-{arch}"))
             made[key] = write_derived_checkpoint(
-                toy_model_dir(arch), dst, seed, max_shard_size, **config_updates
+                toy_model_dir(arch, **(toy or {})), dst, seed, max_shard_size, **config_updates
             )
         return made[key]
 

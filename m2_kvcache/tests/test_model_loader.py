@@ -158,9 +158,10 @@ def test_bfloat16_load(qwen3_dir):
         torch.testing.assert_close(value, reference[name].to(torch.bfloat16), atol=0, rtol=0)
 
 
-def test_unsupported_rope_scaling_is_rejected(derived_checkpoint):
-    path = derived_checkpoint("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn' is not supported.*linear, llama3"):
+@pytest.mark.parametrize("rope_type", ["yarn", "dynamic"])
+def test_unsupported_rope_scaling_is_rejected(derived_checkpoint, rope_type):
+    path = derived_checkpoint("llama", rope_scaling={"rope_type": rope_type, "factor": 4.0})
+    with pytest.raises(ValueError, match=f"rope_scaling type '{rope_type}' is not supported.*linear, llama3"):
         load(path)
 
 

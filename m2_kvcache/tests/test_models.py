@@ -9,9 +9,10 @@ import torch
 
 from m0_config.config import ModelConfig
 from m0_config.loader import load_hf_model
-from m0_config.toy import make_hf_config
+from m0_config.toy import TOY_PROMPTS, make_hf_config
+from m2_kvcache import LLM, SamplingParams
 from m2_kvcache.attention import AttentionMetadata, ContiguousCacheBackend, NoCacheBackend, allocate_kv_cache
-from m2_kvcache.layers import ModelLayers, RowLinear
+from m2_kvcache.layers import ModelLayers, RowLinear, rope_config
 from m2_kvcache.model_loader import load_model
 from m2_kvcache.models import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
@@ -36,6 +37,18 @@ CASES = {
         "llama",
         {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}},
     ),
+    # Newer transformers' spelling of Llama 3.1: the scaling and rope_theta inside rope_parameters.
+    "llama-llama3-rope-parameters": ("llama", {"rope_parameters": {**LLAMA3_SCALING, "rope_theta": 5e5}}),
+    # Llama 2 long-context fine-tunes: the legacy "type" key.
+    "llama-legacy-linear-rope": (
+        "llama",
+        {"rope_theta": 1e4, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    ),
+    "llama-tied": ("llama", {"tie_word_embeddings": True}),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),  # o_proj and MLP biases too
+    # head_dim given and != hidden_size / num_attention_heads (64 / 4 = 16), as in Qwen3 and Llama 3.2.
+    "llama-head-dim-given": ("llama", {"toy": {"head_dim": 32}}),
+    "qwen2-untied": ("qwen2", {"tie_word_embeddings": False}),
 }
 PROMPT_LENS = [1, 7, 33, 100]  # ragged; 100 > original_max_position_embeddings of the llama3 case
 
@@ -80,6 +93,17 @@ def test_logits_match_hf(derived_checkpoint, case, backend):
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_equals_hf_generate(derived_checkpoint, hf_greedy, case):
+    """The whole engine on every variant against HF `generate`: ragged prompts through 2 slots (so
+    slots are freed and reused), stopping where HF stops (the EOS ids of generation_config)."""
+    path = checkpoint_for(derived_checkpoint, case)
+    prompts = list(TOY_PROMPTS[:5])
+    sp = SamplingParams(temperature=0, max_tokens=12)
+    outs = LLM(path, max_num_seqs=2).generate(prompts, sp, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy(path, prompts, 12)
+
+
 def test_variants_are_chosen_by_architecture(derived_checkpoint):
     """Qwen3 keeps its q/k norm with attention_bias=True; Qwen2 has biases but never a q/k norm."""
     qwen3 = load_model(ModelConfig(checkpoint_for(derived_checkpoint, "qwen3-attention-bias"), device="cpu"))
@@ -89,6 +113,28 @@ def test_variants_are_chosen_by_architecture(derived_checkpoint):
     attn = qwen2.model.layers[0].self_attn
     assert type(qwen2) is Qwen2ForCausalLM and not attn.qk_norm and not hasattr(attn, "q_norm")
     assert attn.qkv_proj.bias is not None and attn.o_proj.bias is None
+
+
+def test_cases_configure_what_they_name(derived_checkpoint):
+    """Guards the cases above: a config edit that never reached the model would test nothing new."""
+
+    def model(case: str):
+        return load_model(ModelConfig(checkpoint_for(derived_checkpoint, case), device="cpu"))
+
+    tied, untied = model("llama-tied"), model("qwen2-untied")
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    assert model("llama-head-dim-given").model.layers[0].self_attn.head_dim == 32
+    layer = model("llama-biases").model.layers[0]
+    assert layer.self_attn.o_proj.bias is not None and layer.mlp.down_proj.bias is not None
+    for case, (theta, rope_type, factor) in {
+        "llama-llama3-rope": (5e5, "llama3", 8.0),
+        "llama-llama3-rope-parameters": (5e5, "llama3", 8.0),
+        "llama-linear-rope": (1e4, "linear", 4.0),
+        "llama-legacy-linear-rope": (1e4, "linear", 2.0),
+    }.items():
+        read_theta, scaling = rope_config(model(case).config)
+        assert (read_theta, scaling["rope_type"], scaling["factor"]) == (theta, rope_type, factor), case
 
 
 class Stepper:
