@@ -322,7 +322,8 @@ class EngineConfig:
                 sched.max_num_batched_tokens >= sched.max_model_len,
                 f"max_num_batched_tokens ({sched.max_num_batched_tokens}) is smaller than max_model_len "
                 f"({sched.max_model_len}): without chunked prefill a long prompt could never be scheduled; "
-                "raise max_num_batched_tokens, lower max_model_len or enable chunked prefill",
+                "raise max_num_batched_tokens, lower max_model_len or, from m3_paged on, set "
+                "enable_chunked_prefill=True",
             )
         if par.distributed_backend == "nccl":
             _check(model.device.type == "cuda", "the nccl backend needs device='cuda'; use 'gloo' on the CPU")
