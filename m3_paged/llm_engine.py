@@ -17,8 +17,15 @@ class LLMEngine(BaseEngine):
         return self.scheduler_cls(self.config, self.model_runner.num_blocks)
 
     def kv_cache_usage(self) -> KVCacheUsage:
-        """Bytes of the blocks in use versus bytes holding the running sequences' tokens."""
+        """Bytes of the blocks in use versus bytes holding the running sequences' computed tokens. A
+        block that forks or prefix hits share holds its tokens once, so they are counted once."""
         bm = self.scheduler.block_manager
-        running = [s for r in self.scheduler.running for s in r.get_seqs(SequenceStatus.RUNNING)]
+        size = bm.block_size
+        filled: dict[int, int] = {}  # block id -> computed tokens it holds
+        for req in self.scheduler.running:
+            for seq in req.get_seqs(SequenceStatus.RUNNING):
+                computed = seq.data.num_computed_tokens
+                for i, block_id in enumerate(seq.block_table[: bm.num_required_blocks(computed)]):
+                    filled[block_id] = max(filled.get(block_id, 0), min(size, computed - i * size))
         used_blocks = bm.num_blocks - bm.get_num_free_blocks()
-        return self.model_runner.kv_cache_usage([s.data.num_computed_tokens for s in running], used_blocks)
+        return self.model_runner.kv_cache_usage(list(filled.values()), used_blocks)

@@ -232,8 +232,9 @@ class ModelRunner(SlotModelRunner):
             src, dst = (host_to_device(list(x), torch.int64, self.device) for x in zip(*copies))
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def kv_cache_usage(self, seq_lens: list[int], num_used_blocks: int) -> KVCacheUsage:
-        """Bytes of the blocks in use versus bytes holding tokens: the waste is at most one
-        partial block per sequence (m2 wastes max_model_len - len per slot)."""
+    def kv_cache_usage(self, num_tokens_held: list[int], num_used_blocks: int) -> KVCacheUsage:
+        """Bytes of the blocks in use versus bytes holding tokens (`num_tokens_held`: the tokens in
+        each used block): the waste is at most one partial block per sequence (m2 wastes
+        max_model_len - len per slot)."""
         per_token = self.config.model_config.kv_cache_bytes_per_token()
-        return KVCacheUsage(num_used_blocks * block_bytes(self.config), sum(seq_lens) * per_token)
+        return KVCacheUsage(num_used_blocks * block_bytes(self.config), sum(num_tokens_held) * per_token)

@@ -162,15 +162,18 @@ class Scheduler(StaticScheduler):
         self._finish_request(req, SequenceStatus.FINISHED_LENGTH_CAPPED)
 
     def _can_never_run(self, req: Request) -> bool:
-        """A request that could not run even alone in an empty cache is finished, not looped on."""
+        """A request that could not run even alone in an empty cache is finished, not looped on.
+        Only its unfinished sequences count: a candidate that already finished (one token ahead of
+        its forks, say) may be longer than the pool without the others being so."""
         bm = self.block_manager
-        longest = max(s.get_len() for s in req.get_seqs())
-        if bm.num_required_blocks(longest) <= bm.num_blocks and req.num_seqs() <= self.max_num_seqs:
+        live = [s for s in req.get_seqs() if not s.is_finished()]
+        longest = max(s.get_len() for s in live)
+        if bm.num_required_blocks(longest) <= bm.num_blocks and len(live) <= self.max_num_seqs:
             return False
         logger.warning(
             "request %s needs %d tokens (%d blocks of %d) and %d sequences; the cache has %d blocks and "
             "max_num_seqs=%d, so it can never run: finished as 'length'",
-            req.request_id, longest, bm.num_required_blocks(longest), bm.block_size, req.num_seqs(),
+            req.request_id, longest, bm.num_required_blocks(longest), bm.block_size, len(live),
             bm.num_blocks, self.max_num_seqs,
         )  # fmt: skip
         self.waiting.popleft()

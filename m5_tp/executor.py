@@ -283,9 +283,9 @@ class MultiprocExecutor:
     def vocab_size(self) -> int:
         return self.driver_runner.vocab_size
 
-    def kv_cache_usage(self, seq_lens: list[int], num_used_blocks: int) -> KVCacheUsage:
+    def kv_cache_usage(self, num_tokens_held: list[int], num_used_blocks: int) -> KVCacheUsage:
         """Rank 0's cache (every rank holds the same blocks, each with its own KV heads)."""
-        return self.driver_runner.kv_cache_usage(seq_lens, num_used_blocks)
+        return self.driver_runner.kv_cache_usage(num_tokens_held, num_used_blocks)
 
     # ---- failure and shutdown ----------------------------------------------------------------------
     @contextlib.contextmanager

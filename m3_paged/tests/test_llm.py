@@ -60,6 +60,23 @@ def test_preemption_equals_ample_pool(qwen3_dir, m2_greedy):
     assert sched.block_manager.get_num_free_blocks() == 12
 
 
+def test_prefix_hits_chunks_preemption_and_forks_at_once_equal_m2(qwen3_dir, spy_chunks):
+    """Every mechanism in one run: repeated and shared-prefix prompts (hits), a 6-token budget
+    (chunks), 14 blocks of 4 (preemption) and a seeded n=2 request (forks); twice, so the second
+    run starts from a warm cache."""
+    prompts = [*PROMPTS, PROMPTS[2], PROMPTS[5], *PROMPTS[:2], PROMPTS[2]]
+    forks = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=12, ignore_eos=True)
+    params = [GREEDY] * (len(prompts) - 1) + [forks]
+    m2 = _tokens(m2_kvcache.LLM(qwen3_dir, max_num_seqs=4).generate(prompts, params, use_tqdm=False))
+    llm = LLM(qwen3_dir, block_size=4, num_gpu_blocks_override=14, max_num_seqs=4, max_num_batched_tokens=6)
+    chunked = spy_chunks(llm.llm_engine)
+    for _ in range(2):
+        assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == m2
+    sched = llm.llm_engine.scheduler
+    assert sched.num_preemptions > 0 and sched.block_manager.stats.hits > 0 and any(chunked)
+    assert sched.block_manager.get_num_free_blocks() == 14
+
+
 @pytest.mark.parametrize("budget", [3, 8])
 def test_chunked_prefill_equals_unchunked(qwen3_dir, m2_greedy, spy_chunks, budget):
     llm = LLM(qwen3_dir, block_size=4, max_num_batched_tokens=budget, max_num_seqs=3)
@@ -152,6 +169,17 @@ def test_is_prefill_is_explicit(qwen3_dir):
     assert seq.status == SequenceStatus.RUNNING
 
 
+def test_kv_cache_usage_counts_shared_blocks_once(qwen3_dir):
+    """Three candidates share the prompt's 3 blocks: its 10 tokens are held once, not three times."""
+    engine = LLM(qwen3_dir, block_size=4).llm_engine
+    params = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("r", None, list(range(10, 20)), params)
+    engine.step()  # the prompt, then two forks of it (9 tokens computed each, all in the shared blocks)
+    usage = engine.kv_cache_usage()
+    per_token = engine.config.model_config.kv_cache_bytes_per_token()
+    assert (usage.used_bytes, usage.reserved_bytes) == (10 * per_token, 12 * per_token)
+
+
 def test_kv_cache_usage_wastes_at_most_a_block_per_sequence(qwen3_dir):
     llm = LLM(qwen3_dir, block_size=8)
     engine = llm.llm_engine
@@ -220,5 +248,20 @@ def test_fork_request_larger_than_the_pool_finishes(qwen3_dir):
     llm = LLM(qwen3_dir, block_size=4, num_gpu_blocks_override=9)
     sp = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=12, ignore_eos=True)
     out = llm.generate([list(range(10, 20))], sp, use_tqdm=False)[0]
-    assert all(o.finish_reason == "length" for o in out.outputs)
+    # "length" is also max_tokens' reason: the request must really have been cut short
+    assert all(o.finish_reason == "length" and len(o.token_ids) < 12 for o in out.outputs)
+    assert llm.llm_engine.scheduler.num_preemptions > 0
     assert llm.llm_engine.scheduler.block_manager.get_num_free_blocks() == 9
+
+
+def test_fork_of_a_finished_candidate_longer_than_the_pool_still_runs(qwen3_dir):
+    """best_of=2, max_tokens=1, a 4-token prompt in 4 one-token blocks: the first candidate finishes
+    with 5 tokens; its fork, short of a block for its copy-on-write, preempts itself and must run
+    again (4 blocks suffice), not be finished with no token because the finished candidate would
+    not fit."""
+    llm = LLM(qwen3_dir, block_size=1, num_gpu_blocks_override=4, max_num_batched_tokens=2, max_num_seqs=2)
+    sp = SamplingParams(n=2, best_of=2, temperature=1.0, seed=0, max_tokens=1, ignore_eos=True)
+    out = llm.generate([[5, 6, 7, 8]], sp, use_tqdm=False)[0]
+    assert [len(o.token_ids) for o in out.outputs] == [1, 1]
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    assert llm.llm_engine.scheduler.block_manager.get_num_free_blocks() == 4

@@ -15,6 +15,11 @@ free queue holds exactly the unused blocks, every hash names the tokens (and the
 holds, the queues and pending forks are consistent, and the step respects the token budget,
 `max_num_seqs` and the row contract (`samples`, `is_prefill`). At the end: every request came out
 exactly once, every block is free, and the workload took a bounded number of steps.
+
+The same workloads run a second time as m4's async scheduling drives the scheduler: each sampled
+token is a placeholder (negative id, value known only to the fake model) until the next step has
+been scheduled, which exercises the scheduler's placeholder paths (`_stops_by_length`,
+`on_tokens_resolved`, hashing only known tokens).
 """
 
 from __future__ import annotations
@@ -205,6 +210,13 @@ class FakeKVCache:
         self.slots: dict[int, int] = {}
         self.ids_of_hash: dict[int, tuple[int, ...]] = {}  # block hash -> its slots' prefix ids
         self.hash_of_prefix: dict[tuple[int, ...], int] = {}  # memo of chained_hash
+        # (seq_id, position) -> the id behind a placeholder there (async scheduling: the GPU knows it)
+        self.placeholder_values: dict[tuple[int, int], int] = {}
+
+    def token_ids(self, seq: Sequence) -> list[int]:
+        """The sequence's token ids as the model sees them: placeholders filled in."""
+        values = self.placeholder_values
+        return [values[seq.seq_id, p] if t < 0 else t for p, t in enumerate(seq.get_token_ids())]
 
     def chained_hash(self, prefix: tuple[int, ...]) -> int:
         """The chained hash of a block-aligned prefix, recomputed from scratch."""
@@ -232,7 +244,7 @@ class FakeKVCache:
                 self.slots.pop(slot, None)
             else:
                 self.slots[slot] = value
-        ids = [prefix_ids(seq.get_token_ids()) for seq in so.seqs]
+        ids = [prefix_ids(self.token_ids(seq)) for seq in so.seqs]
         for seq, n, seq_ids in zip(so.seqs, so.num_scheduled_tokens, ids):
             start = seq.data.num_computed_tokens
             for pos in range(start, start + n):
@@ -286,6 +298,9 @@ def check_step_output(
         assert sp is req.sampling_params and seq.status == SequenceStatus.RUNNING
         computed, length = seq.data.num_computed_tokens, seq.get_len()
         assert n >= 1 and computed + n <= length
+        # Never past max_model_len (m4's graphs hold block tables that wide): a sequence whose
+        # placeholder reaches it is certain to stop and is not scheduled again.
+        assert length < MAX_MODEL_LEN
         assert samples == (computed + n == length)
         assert len(seq.block_table) == bm.num_required_blocks(length)
         for i in range(computed // size, bm.num_required_blocks(computed + n)):
@@ -378,11 +393,14 @@ def add_request(sched: Scheduler, run: Run, request_id: str, spec: RequestSpec, 
     return req
 
 
-def run_workload(config: EngineConfig, wl: Workload) -> Run:
+def run_workload(config: EngineConfig, wl: Workload, async_scheduling: bool = False) -> Run:
+    """LLMEngine.step's loop; with `async_scheduling`, m4's: a sampled token is a placeholder until
+    the end of the next step (`resolve_in_flight`)."""
     sched = Scheduler(config, wl.num_blocks)
     kv = FakeKVCache(wl.block_size)
     run, requests, seq_ids = Run(), [], iter(range(10**9))
     last_arrival = max(spec.arrival for spec in wl.requests)
+    in_flight: list[tuple[Sequence, int, SamplingParams]] = []  # rows sampled, ids not read yet
     for step in range(MAX_STEPS):
         for i, spec in enumerate(wl.requests):
             if spec.arrival == step:
@@ -394,24 +412,31 @@ def run_workload(config: EngineConfig, wl: Workload) -> Run:
                     run.aborted.add(f"r{i}")
         check_scheduler_state(sched, requests, wl)
         kv.check_cached_blocks(sched.block_manager)
-        if step > last_arrival and not sched.has_unfinished_requests() and not sched.finished:
+        busy = sched.has_unfinished_requests() or in_flight
+        if step > last_arrival and not busy and not sched.finished:
             break  # (an abort's output comes out of the step after it, like the engine's)
-        busy = sched.has_unfinished_requests()
         was_running = list(sched.running)
         so = sched.schedule()  # LLMEngine.step from here on
         check_step_output(sched, so, wl, was_running)
-        assert not busy or so.seqs or so.num_preempted or sched.finished  # each step does something
+        # Each step does something (under async scheduling, reading the step in flight counts).
+        assert not busy or so.seqs or so.num_preempted or sched.finished or in_flight
         kv.execute(so)
+        launched = []
         for seq, samples, sp in zip(so.seqs, so.samples, so.sampling_params):
             if samples:
-                seq.append_token_id(next_token(run.candidate_index[seq.seq_id], seq.get_token_ids()))
-                status = stop_status(seq.get_prompt_len(), seq.data.output_token_ids, sp.max_tokens)
-                if status is not None:  # the stop checker's job
-                    seq.status = status
-                    run.stopped_by_model.add(seq.seq_id)
-        rows = [(list(s.block_table), list(s.get_token_ids())) for s in so.seqs]
+                token_id = next_token(run.candidate_index[seq.seq_id], kv.token_ids(seq))
+                if async_scheduling:  # m4's StepInFlight.launch
+                    kv.placeholder_values[seq.seq_id, seq.get_len()] = token_id
+                    seq.data.append_placeholder(-1 - len(launched))
+                    launched.append((seq, token_id, sp))
+                else:
+                    append_token(run, seq, token_id, sp)
+        rows = [(list(s.block_table), kv.token_ids(s)) for s in so.seqs]
         sched.update_from_output(so)
         kv.record_hashes(sched.block_manager, rows)
+        if in_flight:
+            resolve_in_flight(sched, kv, run, in_flight)
+        in_flight = launched
         for req in sched.pop_finished_requests():
             assert req.request_id not in run.outputs  # each request comes out once
             run.outputs[req.request_id] = req
@@ -420,8 +445,42 @@ def run_workload(config: EngineConfig, wl: Workload) -> Run:
         pytest.fail(f"the workload did not finish in {MAX_STEPS} steps")
     bm = sched.block_manager  # no block leaked: all free, none referenced, no fork left planned
     assert bm.get_num_free_blocks() == bm.num_blocks and not sched.pending_forks
+    assert all(s.data.num_placeholders == 0 for r in requests for s in r.seqs)
     run.num_steps = step
     return run
+
+
+def append_token(run: Run, seq: Sequence, token_id: int, sp: SamplingParams) -> None:
+    """Append a sampled token and apply the stop checker's rules."""
+    seq.append_token_id(token_id)
+    status = stop_status(seq.get_prompt_len(), seq.data.output_token_ids, sp.max_tokens)
+    if status is not None:
+        seq.status = status
+        run.stopped_by_model.add(seq.seq_id)
+
+
+def resolve_in_flight(
+    sched: Scheduler, kv: FakeKVCache, run: Run, rows: list[tuple[Sequence, int, SamplingParams]]
+) -> None:
+    """m4's LLMEngine._resolve: each row's oldest placeholder becomes its real id (a newer one, of
+    the step just launched, stays on top); a sequence finished meanwhile drops its placeholders.
+    Then the scheduler hashes what the ids complete and frees what finished."""
+    resolved = []
+    for seq, token_id, sp in rows:
+        if seq.is_finished():
+            while seq.data.num_placeholders:
+                seq.data.pop_placeholder()
+            continue
+        newer = [seq.data.pop_placeholder() for _ in range(seq.data.num_placeholders - 1)]
+        seq.data.pop_placeholder()
+        append_token(run, seq, token_id, sp)
+        if not seq.is_finished():
+            for placeholder in reversed(newer):
+                seq.data.append_placeholder(placeholder)
+        resolved.append(seq)
+    hashed = [(list(s.block_table), kv.token_ids(s)) for s in resolved]  # before finished ones are freed
+    sched.on_tokens_resolved(resolved)
+    kv.record_hashes(sched.block_manager, hashed)
 
 
 def record_events(run: Run, so: SchedulerOutput, sched: Scheduler) -> None:
@@ -461,7 +520,8 @@ def check_outputs(run: Run, wl: Workload) -> None:
                 assert req.request_id in run.aborted
             elif seq.status == SequenceStatus.FINISHED_IGNORED:  # could never run, even alone
                 run.events.add("ignored")
-                longest = max(s.get_len() for s in req.seqs)
+                # (the sequences ignored together were the live ones: those finished before do not count)
+                longest = max(s.get_len() for s in req.seqs if s.status == SequenceStatus.FINISHED_IGNORED)
                 assert num_required(longest) > wl.num_blocks or len(req.seqs) > wl.max_num_seqs
             else:  # alone in an empty pool, its sequences still did not fit
                 run.events.add("finished as unfittable")
@@ -495,6 +555,19 @@ FORKS_OUTGROW_THE_POOL = Workload(
     requests=(RequestSpec(prompt=(0,) * 6, n=1, best_of=2, temperature=1.0, max_tokens=5, arrival=0),),
 )
 
+# A best_of=2 request whose first candidate finished (max_tokens=1) one token ahead of its fork, in
+# a pool the fork's copy-on-write overflowed: the fork preempted its request, which was then
+# finished as "never fits" because the *finished* candidate's length needed 5 blocks of 4.
+FINISHED_CANDIDATE_LONGER_THAN_THE_POOL = Workload(
+    block_size=1,
+    num_blocks=4,
+    max_num_seqs=2,
+    max_num_batched_tokens=2,
+    enable_chunked_prefill=True,
+    enable_prefix_caching=True,
+    requests=(RequestSpec(prompt=(0, 0, 0, 0), n=1, best_of=2, temperature=1.0, max_tokens=1, arrival=0),),
+)
+
 # Not a past bug but a rare path: an abort while the forks still wait for the chunked prompt.
 ABORT_WITH_PENDING_FORKS = Workload(
     block_size=4,
@@ -526,9 +599,26 @@ def model_config(toy_model_dir) -> ModelConfig:
 @example(wl=HELD_BACK_FORKS)
 @example(wl=FORKS_OUTGROW_THE_POOL)
 @example(wl=ABORT_WITH_PENDING_FORKS)
+@example(wl=FINISHED_CANDIDATE_LONGER_THAN_THE_POOL)
 def test_scheduler_workloads(model_config, wl):
     run = run_workload(make_config(model_config, wl), wl)
     check_outputs(run, wl)
     for name in sorted(run.events):
         event(name)
     event(f"steps: {'<25' if run.num_steps < 25 else '<50' if run.num_steps < 50 else '>=50'}")
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(wl=workloads())
+@example(wl=FORKS_OUTGROW_THE_POOL)
+@example(wl=FINISHED_CANDIDATE_LONGER_THAN_THE_POOL)
+def test_scheduler_workloads_with_async_scheduling(model_config, wl):
+    """The same workloads driven as m4's async engine drives the scheduler: every sampled token is
+    a placeholder (counted in every length, never hashed, its value filled in on the "GPU") until
+    the next step has been scheduled. Outputs, invariants and the fake KV cache must not change."""
+    check_outputs(run_workload(make_config(model_config, wl), wl, async_scheduling=True), wl)
