@@ -32,6 +32,7 @@ from matplotlib.patches import Patch  # noqa: E402
 import m2_kvcache.llm_engine  # noqa: E402
 from m0_config.config import EngineConfig  # noqa: E402
 from m0_config.sampling_params import SamplingParams  # noqa: E402
+from m0_config.sequence import SequenceStatus  # noqa: E402
 from m0_config.toy import toy_checkpoint  # noqa: E402
 from m3_paged.llm_engine import LLMEngine  # noqa: E402
 from m3_paged.scheduler import Scheduler, SchedulerOutput  # noqa: E402
@@ -123,8 +124,17 @@ def run_m3(reqs, block_size: int, num_blocks: int, budget: int, max_num_seqs: in
         outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step()})
         usage = engine.kv_cache_usage()
         engine.scheduler.history[-1].reserved_bytes = usage.reserved_bytes
-        engine.scheduler.history[-1].used_bytes = usage.used_bytes
+        engine.scheduler.history[-1].used_bytes = logical_bytes(engine)
     return engine, outputs
+
+
+def logical_bytes(engine: LLMEngine) -> int:
+    """The running sequences' computed tokens, a shared prefix counted once per sequence (the engine's
+    `kv_cache_usage().used_bytes` counts a shared block once): the gap to the blocks in use shows
+    what sharing saves."""
+    seqs = [s for r in engine.scheduler.running for s in r.get_seqs(SequenceStatus.RUNNING)]
+    per_token = engine.config.model_config.kv_cache_bytes_per_token()
+    return sum(s.data.num_computed_tokens for s in seqs) * per_token
 
 
 def run_m2(reqs, max_num_seqs: int, max_model_len: int):
