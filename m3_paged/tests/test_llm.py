@@ -32,6 +32,18 @@ def test_greedy_equals_m2_all_archs(toy_arch_dir):
     assert _tokens(m3) == _tokens(m2)
 
 
+def test_sparse_moe_config_paged_and_chunked_equals_m2(toy_model_dir):
+    """The MoE toy's other config (dense layer 0, top-3 of 5 experts, not renormalised; m2 checks it
+    against HF), with prompts split into chunks of at most 8 tokens over 4-token blocks."""
+    path = toy_model_dir(
+        "qwen3_moe", decoder_sparse_step=2, mlp_only_layers=[], num_experts=5, num_experts_per_tok=3,
+        norm_topk_prob=False,
+    )  # fmt: skip
+    m2 = m2_kvcache.LLM(path, max_num_seqs=2).generate(PROMPTS, GREEDY, use_tqdm=False)
+    m3 = LLM(path, block_size=4, max_num_batched_tokens=8, max_num_seqs=3)
+    assert _tokens(m3.generate(PROMPTS, GREEDY, use_tqdm=False)) == _tokens(m2)
+
+
 @pytest.mark.parametrize("block_size", [1, 8, 16, 64])
 def test_block_sizes(qwen3_dir, m2_greedy, block_size):
     llm = LLM(qwen3_dir, block_size=block_size)
