@@ -521,8 +521,9 @@ def check_outputs(run: Run, wl: Workload) -> None:
             elif seq.status == SequenceStatus.FINISHED_IGNORED:  # could never run, even alone
                 run.events.add("ignored")
                 # (the sequences ignored together were the live ones: those finished before do not count)
-                longest = max(s.get_len() for s in req.seqs if s.status == SequenceStatus.FINISHED_IGNORED)
-                assert num_required(longest) > wl.num_blocks or len(req.seqs) > wl.max_num_seqs
+                ignored = [s for s in req.seqs if s.status == SequenceStatus.FINISHED_IGNORED]
+                longest = max(s.get_len() for s in ignored)
+                assert num_required(longest) > wl.num_blocks or len(ignored) > wl.max_num_seqs
             else:  # alone in an empty pool, its sequences still did not fit
                 run.events.add("finished as unfittable")
                 assert seq.status == SequenceStatus.FINISHED_LENGTH_CAPPED
